@@ -1,0 +1,184 @@
+"""The one entry point: ``codex-ml <command> [key=value ...]``, configured by Hydra.
+
+Each command has a config root in ``conf/`` (a typed schema plus YAML groups). Hydra composes it
+from the command line (overrides, ``-m`` sweeps, sweeper plugins); the command then checks the
+values and runs its recipe. Mistakes a user can fix end in one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+
+from codex_ml.errors import CodexError
+
+
+@dataclass
+class Command:
+    config: str  # the config root in conf/
+    summary: str
+    run: Callable  # (typed config) -> result; imported lazily so --help stays fast
+
+
+def _train(cfg):
+    from codex_ml.recipes.train import final_metric, train
+    from codex_ml.sweep import sweep_context
+
+    job_dir, sweep = sweep_context()
+    metrics = train(cfg, sweep_job_dir=job_dir, sweep=sweep)
+    return final_metric(metrics, cfg.training.best_metric)
+
+
+def _prepare(cfg):
+    from codex_ml.recipes.prepare_command import prepare_command
+
+    prepare_command(cfg)
+
+
+def _config(cfg):
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+
+
+def _tokenizer(cfg):
+    from pathlib import Path
+
+    from codex_ml.recipes.prepare import train_tokenizer_only
+
+    out = Path(cfg.out).expanduser().resolve()
+    tok = train_tokenizer_only(cfg.data, cfg.tokenizer, out)
+    print(f"tokenizer: {len(tok)} tokens ({cfg.tokenizer.kind}) saved to {out}")
+
+
+def _generate(cfg):
+    from codex_ml.recipes.generate import generate_command
+
+    generate_command(cfg)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train", "train a model: tokenizer, data, training loop, checkpoints (resumes a run folder)", _train),
+    "prepare": Command("train", "clean, split, tokenize and pack the data alone (cached for train)", _prepare),
+    "tokenizer": Command("tokenizer_command", "train a tokenizer alone and save it to out=DIR", _tokenizer),
+    "generate": Command("generate", "sample from a run: run_dir=RUN prompt=... [max_new_tokens=N temperature=T]", _generate),
+    "config": Command("train", "print the resolved training config (with your overrides)", _config),
+}
+
+VALIDATORS = {
+    "train": "validate_train", "tokenizer_command": "validate_tokenizer_command", "generate": "validate_generate",
+}
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group and its options, read from the YAML tree shipped in the package."""
+    conf = resources.files("codex_ml.conf")
+    groups = {}
+    for entry in sorted(conf.iterdir(), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("_"):
+            options = sorted(f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml"))
+            if options:
+                groups[entry.name] = options
+    return groups
+
+
+def print_help() -> None:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: codex-ml <command> [key=value ...] [-m key=a,b ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "config groups (pick one with group=option; set any key with group.key=value):"]
+    lines += [f"  {group:<10} {', '.join(options)}" for group, options in config_groups().items()]
+    lines += [
+        "",
+        "examples:",
+        "  codex-ml train                                   # the default job: tiny model on the stdlib",
+        "  codex-ml train model=small training.max_steps=2000 run.name=exp1",
+        "  codex-ml train -m training.lr=0.001,0.003        # a sweep: one run folder per value",
+        "  codex-ml generate run_dir=runs/exp1 prompt='def add(a, b):' temperature=0",
+        "  codex-ml config training.lr=0.01                 # show the resolved config",
+        "",
+        "codex-ml <command> --help shows that command's config tree (Hydra's help).",
+    ]
+    print("\n".join(lines))
+
+
+def _task(name: str):
+    command = COMMANDS[name]
+
+    def task(cfg):
+        from omegaconf import OmegaConf
+
+        from codex_ml.conf import schema
+
+        try:
+            typed = OmegaConf.to_object(cfg)
+            getattr(schema, VALIDATORS[command.config])(typed)
+            return command.run(typed)
+        except CodexError as e:
+            # Hydra would print a traceback for any exception escaping the task.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return task
+
+
+def _check_overrides(config_name: str, args: list[str]) -> None:
+    """Compose once before Hydra's main, so that a bad override is one clear line.
+
+    Sweeps (``-m``) and Hydra's own flags are left to Hydra, which expands them first.
+    """
+    if any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    from codex_ml.conf.explain import explain
+
+    try:
+        with initialize_config_module(config_module="codex_ml.conf", version_base=None):
+            compose(config_name=config_name, overrides=args)
+    except HydraException as e:
+        raise CodexError(explain(e, config_name)) from None
+
+
+def _run_hydra(name: str, args: list[str]) -> None:
+    import hydra
+
+    from codex_ml.conf.store import register_schemas
+
+    register_schemas()
+    _check_overrides(COMMANDS[name].config, args)
+    sys.argv = [f"codex-ml-{name}", *args]
+    main = hydra.main(version_base=None, config_path="pkg://codex_ml.conf", config_name=COMMANDS[name].config)
+    main(_task(name))()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print_help()
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)} (codex-ml --help)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        _run_hydra(name, rest)
+    except CodexError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        if not (e.args and isinstance(e.args[0], int)):
+            print("interrupted", file=sys.stderr)
+        return 128 + int(signum)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: sources, cleaning, the train/validation split, packing into shards, and the resumable loader."""

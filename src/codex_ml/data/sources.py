@@ -1,0 +1,204 @@
+"""Where documents come from: the stdlib, directories of files, JSONL files, local HF datasets.
+
+A source yields ``RawDocument``s (a stable id plus bytes or text) and a cheap fingerprint that
+changes whenever its content may have changed (paths, sizes and modification times), which keys
+the prepared-data cache without reading every byte.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from codex_ml.errors import CodexError
+
+SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+class DataSourceError(CodexError):
+    """A data source that cannot be read (missing path, malformed record)."""
+
+
+@dataclass
+class RawDocument:
+    id: str  # stable across machines: relative path, or file:line, or a record's id field
+    data: bytes | str  # bytes for files (cleaning detects the encoding), text for records
+    size: int  # in bytes, to skip huge documents before decoding them
+
+
+@dataclass
+class ReadFailure:
+    id: str
+    reason: str  # unreadable: an OS error
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """The running interpreter's standard library source, without tests and installed packages."""
+    root = stdlib_root()
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if SKIPPED_DIRS & set(rel.parts[:-1]):
+            continue
+        out.append((rel.as_posix(), path))
+    return out
+
+
+def matching_files(paths: list[str], patterns: list[str]) -> list[tuple[str, Path]]:
+    """Files under each directory (recursively) whose name matches a glob pattern, or files named directly."""
+    out = []
+    for given in paths:
+        p = Path(given).expanduser()
+        if not p.exists():
+            raise DataSourceError(f"data path {given} does not exist")
+        if p.is_file():
+            out.append((p.name, p))
+            continue
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if any(fnmatch.fnmatch(name, pat) for pat in patterns):
+                    f = Path(dirpath) / name
+                    out.append((f.relative_to(p).as_posix(), f))
+    return out
+
+
+def _stat_fingerprint(files: list[tuple[str, Path]]) -> str:
+    h = hashlib.sha256()
+    for doc_id, path in files:
+        try:
+            st = path.stat()
+            h.update(f"{doc_id}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError as e:
+            h.update(f"{doc_id}\0{path}\0error {e.errno}\n".encode())
+    return h.hexdigest()
+
+
+class FileSource:
+    """Documents read from files: the stdlib, or directories filtered by glob patterns."""
+
+    def __init__(self, files: list[tuple[str, Path]], description: str) -> None:
+        self.files = files
+        self.description = description
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self.files)
+
+    def __iter__(self) -> Iterator[RawDocument | ReadFailure]:
+        for doc_id, path in self.files:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                yield ReadFailure(doc_id, f"unreadable ({e.strerror or e})")
+                continue
+            yield RawDocument(doc_id, data, len(data))
+
+
+class JsonlSource:
+    """One document per JSON line, its text under ``text_field``."""
+
+    def __init__(self, paths: list[str], text_field: str, id_field: str | None) -> None:
+        self.files = []
+        for given in paths:
+            p = Path(given).expanduser()
+            if not p.exists():
+                raise DataSourceError(f"data path {given} does not exist")
+            found = [p] if p.is_file() else sorted(p.rglob("*.jsonl"))
+            if not found:
+                raise DataSourceError(f"data path {given} holds no .jsonl files")
+            self.files += [(f.name, f) for f in found]
+        self.text_field, self.id_field = text_field, id_field
+        self.description = f"jsonl {', '.join(paths)}"
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self.files) + f"|{self.text_field}|{self.id_field}"
+
+    def __iter__(self) -> Iterator[RawDocument | ReadFailure]:
+        for name, path in self.files:
+            with open(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{lineno}"
+                    try:
+                        record = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise DataSourceError(f"{where}: not a JSON object ({e})") from None
+                    if not isinstance(record, dict) or self.text_field not in record:
+                        raise DataSourceError(f"{where}: record has no field {self.text_field!r} (data.text_field)")
+                    text = record[self.text_field]
+                    if not isinstance(text, str):
+                        raise DataSourceError(f"{where}: field {self.text_field!r} is not a string")
+                    doc_id = str(record[self.id_field]) if self.id_field and self.id_field in record else f"{name}:{lineno}"
+                    yield RawDocument(doc_id, text, len(text.encode("utf-8", "surrogatepass")))
+
+
+class HFDiskSource:
+    """A Hugging Face dataset saved with ``save_to_disk`` (a Dataset, or a DatasetDict's splits)."""
+
+    def __init__(self, paths: list[str], text_field: str, id_field: str | None) -> None:
+        try:
+            import datasets  # noqa: F401
+        except ImportError as e:
+            raise DataSourceError("data.source=hf_disk needs the datasets package: pip install datasets") from e
+        for given in paths:
+            if not Path(given).expanduser().exists():
+                raise DataSourceError(f"data path {given} does not exist")
+        self.paths = [str(Path(p).expanduser()) for p in paths]
+        self.text_field, self.id_field = text_field, id_field
+        self.description = f"hf_disk {', '.join(paths)}"
+
+    def fingerprint(self) -> str:
+        files = []
+        for p in self.paths:
+            root = Path(p)
+            files += [(f.relative_to(root).as_posix(), f) for f in sorted(root.rglob("*")) if f.is_file()]
+        return _stat_fingerprint(files) + f"|{self.text_field}|{self.id_field}"
+
+    def _datasets(self):
+        import datasets
+
+        for p in self.paths:
+            try:
+                loaded = datasets.load_from_disk(p)
+            except Exception as e:  # datasets raises several types for a folder it cannot read
+                raise DataSourceError(f"{p}: not a dataset saved with save_to_disk ({e})") from None
+            if isinstance(loaded, datasets.DatasetDict):
+                for split in sorted(loaded):
+                    yield f"{Path(p).name}/{split}", loaded[split]
+            else:
+                yield Path(p).name, loaded
+
+    def __iter__(self) -> Iterator[RawDocument | ReadFailure]:
+        for name, ds in self._datasets():
+            if self.text_field not in ds.column_names:
+                raise DataSourceError(f"{name}: no column {self.text_field!r} (data.text_field); columns: {ds.column_names}")
+            for i, record in enumerate(ds):
+                text = record[self.text_field]
+                if not isinstance(text, str):
+                    raise DataSourceError(f"{name} row {i}: column {self.text_field!r} is not a string")
+                doc_id = str(record[self.id_field]) if self.id_field and self.id_field in record else f"{name}:{i}"
+                yield RawDocument(doc_id, text, len(text.encode("utf-8", "surrogatepass")))
+
+
+def open_source(source: str, paths: list[str], patterns: list[str], text_field: str, id_field: str | None):
+    """The source named by ``data.source``."""
+    if source == "stdlib":
+        return FileSource(stdlib_files(), f"the Python standard library at {stdlib_root()}")
+    if source == "files":
+        return FileSource(matching_files(paths, patterns), f"files {', '.join(paths)} matching {', '.join(patterns)}")
+    if source == "jsonl":
+        return JsonlSource(paths, text_field, id_field)
+    if source == "hf_disk":
+        return HFDiskSource(paths, text_field, id_field)
+    raise DataSourceError(f"unknown data.source {source!r}")

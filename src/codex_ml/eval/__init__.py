@@ -1,0 +1,1 @@
+"""Evaluation: loss-based metrics, the metrics registry, generation, and HumanEval in a sandbox."""

@@ -1,0 +1,147 @@
+"""Batched sampling with the KV cache: greedy, temperature, top-k, top-p, stop sequences, n per prompt.
+
+Prompts of different lengths are left-padded; padded positions are masked out of attention and
+rotary positions start at each prompt's first real token, so a prompt decodes the same alone or
+in a batch. Rows that finish (end-of-text or a stop sequence) leave the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from codex_ml.models.gpt import GPT
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    n: int = 1  # samples per prompt
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str  # the generated text, cut before the first stop sequence
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop sequence), "eos", or "length"
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the ``top_k`` most likely tokens and the smallest set whose probability reaches ``top_p``."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # the token that crosses top_p stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / s.temperature, s.top_k, s.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    cuts = [i for i in (text.find(st) for st in stops if st) if i >= 0]
+    return min(cuts) if cuts else -1
+
+
+@torch.no_grad()
+def generate(model: GPT, tokenizer, prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
+    """``s.n`` completions of each prompt, in order."""
+    device = model.lm_head.weight.device
+    model.eval()
+    encoded = [tokenizer.encode(p) for p in prompts]
+    rows = [ids for ids in encoded for _ in range(s.n)]
+    if not rows:
+        return []
+    longest = max(len(r) for r in rows)
+    context = model.config.max_seq_len
+    if longest >= context:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context of {context}")
+    max_new = min(s.max_new_tokens, context - longest)
+    generator = None
+    if s.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+
+    B = len(rows)
+    pad = tokenizer.pad_id
+    input_ids = torch.full((B, longest), pad, dtype=torch.long)
+    key_valid = torch.zeros((B, longest + max_new), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, longest - len(r):] = torch.tensor(r)
+        key_valid[i, longest - len(r):] = True
+    input_ids, key_valid = input_ids.to(device), key_valid.to(device)
+    padded = any(len(r) != longest for r in rows) or longest == 0
+    if longest == 0:  # an empty prompt starts from end-of-text, as after a document boundary
+        input_ids = torch.full((B, 1), tokenizer.eos_id, dtype=torch.long, device=device)
+        key_valid = torch.cat([torch.ones((B, 1), dtype=torch.bool, device=device), key_valid], 1)
+        longest, padded = 1, False
+    positions = (key_valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+
+    cache = model.new_kv_cache(B, longest + max_new)
+    if padded:
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        mask = causal[None, None] & key_valid[:, None, None, :longest]
+        logits = model(input_ids, position_ids=positions, attn_mask=mask, kv_cache=cache)[:, -1]
+    else:
+        logits = model(input_ids, kv_cache=cache)[:, -1]
+    next_pos = positions[:, -1] + 1
+
+    alive = torch.arange(B, device=device)  # which original row each batch row is
+    generated: list[list[int]] = [[] for _ in range(B)]
+    texts = [""] * B
+    reasons = ["length"] * B
+    for step in range(max_new):
+        tok = next_tokens(logits, s, generator)
+        finished = []
+        for j, (row, t) in enumerate(zip(alive.tolist(), tok.tolist())):
+            if t == tokenizer.eos_id:
+                reasons[row] = "eos"
+                finished.append(j)
+                continue
+            generated[row].append(t)
+            if s.stop:
+                text = tokenizer.decode(generated[row])
+                cut = _first_stop(text, s.stop)
+                if cut >= 0:
+                    texts[row], reasons[row] = text[:cut], "stop"
+                    finished.append(j)
+        if step == max_new - 1:
+            break
+        if finished:
+            keep = torch.tensor([j for j in range(len(alive)) if j not in set(finished)], dtype=torch.long, device=device)
+            if keep.numel() == 0:
+                break
+            alive, tok, next_pos = alive[keep], tok[keep], next_pos[keep]
+            key_valid = key_valid[keep]
+            cache.reorder(keep)
+        length = cache.length + 1
+        if padded:
+            mask = key_valid[:, None, None, :length]
+            logits = model(tok[:, None], position_ids=next_pos[:, None], attn_mask=mask, kv_cache=cache)[:, -1]
+        else:
+            logits = model(tok[:, None], kv_cache=cache)[:, -1]
+        next_pos = next_pos + 1
+
+    out: list[list[Completion]] = []
+    for i in range(0, B, s.n):
+        group = []
+        for row in range(i, i + s.n):
+            text = texts[row] if reasons[row] == "stop" else tokenizer.decode(generated[row])
+            group.append(Completion(text, generated[row], reasons[row]))
+        out.append(group)
+    return out

@@ -1,0 +1,1 @@
+"""Models: the native decoder, Hugging Face models, LoRA, and conversion between them."""

@@ -1,0 +1,280 @@
+"""Recipe: `codex-ml train`, from a corpus to a trained, checkpointed, resumable run.
+
+It wires the components together: the prepared data, the model, the optimizer and schedule,
+the loader, the native loop, checkpoints and the event log. Running it again on the same run
+folder resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from codex_ml.conf.schema import ConfigError, TrainConfig
+from codex_ml.data.loader import PackedBatches, TokenStream, eval_batches
+from codex_ml.data.pack import open_split
+from codex_ml.eval.generate import SamplingSettings, generate
+from codex_ml.eval.loss import evaluate_loss
+from codex_ml.recipes.models import build_model
+from codex_ml.recipes.prepare import PreparedData, cache_root, prepare_data
+from codex_ml.repro import environment, rng_state, seed_everything, set_deterministic, set_rng_state
+from codex_ml.runs import CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, TOKENIZER_DIR, RunLock, resolve_run_dir
+from codex_ml.tracking.console import ConsoleReporter
+from codex_ml.tracking.events import EventLog, NdjsonSink
+from codex_ml.tracking.sinks import start_trackers
+from codex_ml.training.checkpoint import (
+    latest_complete_checkpoint,
+    load_torch_file,
+    prune_checkpoints,
+    remove_partial,
+    save_checkpoint,
+    torch_bytes,
+    verify_checkpoint,
+)
+from codex_ml.training.device import autocast_factory, peak_flops, resolve_device
+from codex_ml.training.distributed import init_distributed, wrap_ddp
+from codex_ml.training.loop import LoopSettings, LoopState, StopRequest, Trainer
+from codex_ml.training.optim import build_optimizer, build_scheduler
+
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.pt"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_dir_of(cfg: TrainConfig, sweep_job_dir: str | None = None) -> Path:
+    return resolve_run_dir(cfg.run.root, cfg.run.name, cfg.run.dir, sweep_job_dir)
+
+
+def prepare_for_run(cfg: TrainConfig, run_dir: Path) -> PreparedData:
+    """Data and tokenizer for a run; the run's own tokenizer once it has one, so resume never retrains it."""
+    own = run_dir / TOKENIZER_DIR
+    model_tokenizer = Path(cfg.model.path) if cfg.model.kind == "hf" and cfg.model.path else None
+    tokenizer_dir = own if (own / "tokenizer.json").exists() else model_tokenizer
+    prepared = prepare_data(cfg.data, cfg.tokenizer, tokenizer_dir=tokenizer_dir, log=log)
+    if not (own / "tokenizer.json").exists():
+        tmp = run_dir / f".tmp-{TOKENIZER_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(prepared.tokenizer_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt"))
+        shutil.rmtree(own, ignore_errors=True)
+        tmp.rename(own)
+    return prepared
+
+
+def write_config(cfg: TrainConfig, run_dir: Path) -> None:
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def write_env(cfg: TrainConfig, run_dir: Path, prepared: PreparedData, extra: dict) -> dict:
+    env = environment()
+    env.update({
+        "seed": cfg.training.seed,
+        "seeds": {"python": cfg.training.seed, "numpy": cfg.training.seed, "torch": cfg.training.seed,
+                  "data_order": cfg.training.seed},
+        "deterministic": cfg.training.deterministic,
+        "dataset": {"sha256": prepared.manifest["sha256"], "path": str(prepared.directory),
+                    "source": prepared.manifest["source"], "splits": {
+                        k: {"documents": v["documents"], "tokens": v["tokens"]}
+                        for k, v in prepared.manifest["splits"].items()}},
+        "tokenizer": {"sha256": prepared.tokenizer.sha256(), "vocab_size": len(prepared.tokenizer)},
+        "cache_dir": str(cache_root(cfg.data)),
+        **extra,
+    })
+    (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2, default=str) + "\n")
+    return env
+
+
+def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None = None) -> dict:
+    """Train (or resume) the run ``cfg`` describes; returns the final evaluation metrics."""
+    run_dir = run_dir_of(cfg, sweep_job_dir)
+    device = resolve_device(cfg.model.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    lock = RunLock(run_dir)
+    if dist.is_main:
+        lock.acquire()
+    try:
+        return _train_locked(cfg, run_dir, device, dist, sweep)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, sweep: dict | None) -> dict:
+    t = cfg.training
+    ckpt_root = run_dir / CHECKPOINTS_DIR
+    if dist.is_main:
+        for p in remove_partial(ckpt_root):
+            log(f"removed an interrupted checkpoint write: {p.name}")
+    resume = latest_complete_checkpoint(ckpt_root)
+    if resume is not None:
+        verify_checkpoint(resume.path)  # refuses a corrupted checkpoint, naming the file
+    log(f"run folder: {run_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
+
+    set_deterministic(t.deterministic)
+    seed_everything(t.seed + dist.rank)
+    prepared = prepare_for_run(cfg, run_dir) if dist.is_main else None
+    dist.barrier()
+    if prepared is None:
+        prepared = prepare_data(cfg.data, cfg.tokenizer, tokenizer_dir=run_dir / TOKENIZER_DIR, log=lambda m: None)
+    tokenizer = prepared.tokenizer
+
+    bundle = build_model(cfg, len(tokenizer), device, tokenizer_dir=run_dir / TOKENIZER_DIR, log=log)
+    if cfg.data.seq_len is None:
+        cfg.data.seq_len = bundle.max_seq_len if cfg.model.kind == "native" else min(bundle.max_seq_len, 2048)
+    if cfg.data.seq_len > bundle.max_seq_len:
+        raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the model's context of {bundle.max_seq_len}")
+    model = bundle.module
+    train_model = model
+    if t.compile:
+        train_model = torch.compile(model)
+    train_model = wrap_ddp(train_model, dist, device)
+    forward = bundle.forward_with(train_model)
+
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device.type)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+    autocast = autocast_factory(device, t.precision)
+
+    train_stream = TokenStream(open_split(prepared.directory, "train"))
+    val_stream = TokenStream(open_split(prepared.directory, "val"))
+    batches = PackedBatches(train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size)
+
+    def evaluate() -> dict:
+        model.eval()
+        rows = eval_batches(val_stream, cfg.data.seq_len, t.batch_size, t.eval_batches, dist.rank, dist.world_size)
+        m = evaluate_loss(bundle.forward_with(model), rows, device, autocast, dist.all_reduce_sum if dist.enabled else None)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    settings = LoopSettings(
+        max_steps=t.max_steps, grad_accum=t.grad_accum, grad_clip=t.grad_clip, log_every=t.log_every,
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, best_metric=t.best_metric,
+        best_mode=t.best_mode, early_stopping_patience=t.early_stopping_patience,
+        early_stopping_min_delta=t.early_stopping_min_delta,
+        flops_per_token=bundle.flops_per_token(cfg.data.seq_len),
+        peak_flops=peak_flops(device, t.precision) * dist.world_size,
+    )
+    stop = StopRequest()
+
+    metrics_offset = None
+    resumed_state = None
+    if resume is not None:
+        bundle.load_checkpoint(resume.path)
+        optimizer.load_state_dict(load_torch_file(resume.path / OPTIMIZER_FILE))
+        resumed_state = load_torch_file(resume.path / STATE_FILE)
+        batches.load_state_dict(resumed_state["loader"][dist.rank])
+        metrics_offset = resumed_state["metrics_offset"]
+
+    events = None
+    trackers = None
+    if dist.is_main:
+        write_config(cfg, run_dir)
+        write_env(cfg, run_dir, prepared, {
+            "device": str(device), "world_size": dist.world_size, "model": bundle.describe,
+            "parameters": bundle.parameter_counts(),
+            "resumed_from": str(resume.path) if resume else None,
+        })
+        events = EventLog(NdjsonSink(run_dir / METRICS_FILE, truncate_to=metrics_offset))
+        trackers = start_trackers(cfg, run_dir, events, resumed=resume is not None, sweep=sweep, log=log)
+
+    console = ConsoleReporter(resume.step if resume else 0, t.max_steps)
+
+    def emit(event: dict) -> None:
+        if dist.is_main:
+            console(event)
+            events.log(event)
+
+    trainer: Trainer
+
+    def save(state: LoopState) -> None:
+        loader_states = [None] * dist.world_size
+        if dist.enabled:
+            torch.distributed.all_gather_object(loader_states, batches.state_dict())
+        else:
+            loader_states = [batches.state_dict()]
+        if not dist.is_main:
+            return
+        events.flush()
+        files = bundle.checkpoint_files()
+        files[OPTIMIZER_FILE] = torch_bytes(optimizer.state_dict())
+        files[STATE_FILE] = torch_bytes({
+            "trainer": trainer.state_dict(), "loader": loader_states, "rng": rng_state(),
+            "metrics_offset": events.primary.size(),
+        })
+        metrics = {k: v for k, v in state.last_metrics.items() if isinstance(v, (int, float))}
+        path = save_checkpoint(ckpt_root, state.step, files, metrics=metrics,
+                               extra={"tokens": state.tokens, "time": time.time()})
+        prune_checkpoints(ckpt_root, t.keep_last, t.keep_best, t.best_metric, t.best_mode)
+        emit({"event": "checkpoint", "step": state.step, "path": str(path.relative_to(run_dir))})
+
+    trainer = Trainer(
+        train_model, forward, optimizer, scheduler, batches, settings, device, evaluate, save, emit,
+        autocast=autocast, scaler=scaler, all_reduce=dist.all_reduce_sum if dist.enabled else None,
+        no_sync=getattr(train_model, "no_sync", contextlib.nullcontext), stop=stop, world_size=dist.world_size,
+    )
+    if resumed_state is not None:
+        trainer.load_state_dict(resumed_state["trainer"])
+        set_rng_state(resumed_state["rng"])
+    start_step = trainer.state.step
+    if dist.is_main:
+        counts = bundle.parameter_counts()
+        log(f"model: {bundle.describe}; {counts['total']:,} parameters, {counts['trainable']:,} trainable; "
+            f"device {device}, precision {t.precision}")
+        events.log({"event": "start", "step": start_step, "resumed": resume is not None, "device": str(device),
+                    "parameters": counts["total"], "trainable_parameters": counts["trainable"]})
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if start_step < t.max_steps:
+            state = trainer.run()
+        else:
+            state = trainer.state
+            log(f"the run already reached training.max_steps={t.max_steps}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        console.close()
+
+    result = dict(state.last_metrics)
+    if dist.is_main:
+        if stop.signal is not None:
+            name = signal.Signals(stop.signal).name
+            log(f"stopped by {name} at step {state.step}; the checkpoint is saved: run the same command to resume")
+            events.log({"event": "interrupted", "step": state.step, "signal": name})
+        else:
+            _print_sample(cfg, bundle, tokenizer)
+            events.log({"event": "end", "step": state.step, **{k: v for k, v in result.items() if k.startswith("val_")}})
+            if "val_loss" in result:
+                log(f"final val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) at step {state.step}; "
+                    f"run folder {run_dir}")
+        events.flush()
+        trackers.finish(run_dir, interrupted=stop.signal is not None)
+        events.close()
+    if stop.signal is not None:
+        raise KeyboardInterrupt(stop.signal)
+    return result
+
+
+def _print_sample(cfg: TrainConfig, bundle, tokenizer) -> None:
+    t = cfg.training
+    if not t.sample_tokens or not bundle.can_generate:
+        return
+    settings = SamplingSettings(max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95, seed=t.seed)
+    completion = generate(bundle.module, tokenizer, [t.sample_prompt], settings)[0][0]
+    log("sample:\n" + t.sample_prompt + completion.text)
+
+
+def final_metric(metrics: dict, name: str) -> float:
+    value = metrics.get(name)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
+

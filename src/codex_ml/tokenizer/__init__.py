@@ -1,0 +1,1 @@
+"""Tokenizers: training (byte-level BPE, SentencePiece), loading and saving in Hugging Face format."""

@@ -1,0 +1,1 @@
+"""Training: the native loop, optimizers and schedules, checkpoints, devices and distribution."""
