@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)} (codex-ml --help)", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from codex_ml.runtime import tune_allocator
+
+    tune_allocator()
     try:
         _run_hydra(name, rest)
     except CodexError as e:

@@ -42,12 +42,12 @@ class ModelConfig:
     kind: str = "native"  # native: our decoder; hf: any local AutoModelForCausalLM directory
     preset: str = "tiny"
     # native decoder shape
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4
-    d_model: int = 256
-    d_ff: int = 688
-    max_seq_len: int = 512
+    n_layer: int = 4  # the defaults are the tiny preset's
+    n_head: int = 6
+    n_kv_head: int = 6
+    d_model: int = 192
+    d_ff: int = 512
+    max_seq_len: int = 128
     vocab_size: Optional[int] = None  # None: the tokenizer's size rounded up to a multiple of 64
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
@@ -107,10 +107,10 @@ class TokenizerConfig:
 @dataclass
 class TrainingConfig:
     engine: str = "native"
-    max_steps: int = 400
+    max_steps: int = 300
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     schedule: str = "cosine"
@@ -124,9 +124,9 @@ class TrainingConfig:
     seed: int = 1337
     deterministic: bool = False
     log_every: int = 10
-    eval_every: int = 200  # 0: only at the end
+    eval_every: int = 150  # 0: only at the end
     eval_batches: int = 32  # 0: the whole validation split
-    checkpoint_every: int = 200
+    checkpoint_every: int = 150
     keep_last: int = 2
     keep_best: int = 1
     best_metric: str = "val_loss"

@@ -199,8 +199,10 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits of shape (B, T, vocab).
+        """Logits of shape (B, T, vocab); with ``return_hidden``, the final normalised hidden states
+        (B, T, d_model) instead, for a loss fused with the output projection (``fused_loss.py``).
 
         position_ids: (B, T) positions, when rows restart (packed examples) or are left-padded;
         attn_mask: boolean (B, 1, T, S), True where a query may attend to a key;
@@ -223,7 +225,8 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, attn_mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

@@ -12,6 +12,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from codex_ml.conf.schema import TrainConfig
+from codex_ml.models.fused_loss import linear_cross_entropy
 from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig
 from codex_ml.training.checkpoint import CheckpointError
 
@@ -26,7 +27,8 @@ class ModelBundle:
     module: torch.nn.Module
     describe: str
     max_seq_len: int
-    forward_with: Callable[[torch.nn.Module], Callable[[dict], torch.Tensor]]
+    forward_with: Callable[[torch.nn.Module], Callable[[dict], torch.Tensor]]  # batch -> logits
+    loss_sum_with: Callable[[torch.nn.Module], Callable[[dict], torch.Tensor]]  # batch -> summed token loss
     checkpoint_files: Callable[[], dict[str, bytes]]
     load_checkpoint: Callable[[Path], None]
     flops_per_token: Callable[[int], float]
@@ -51,6 +53,24 @@ def _native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
         return module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
     return forward
+
+
+def _native_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+    """The loss fused with the output projection: no full logits tensor (see models/fused_loss.py)."""
+    head = _unwrapped(module).lm_head
+
+    def loss_sum(batch: dict) -> torch.Tensor:
+        hidden = module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"),
+                        return_hidden=True)
+        return linear_cross_entropy(hidden, head.weight, batch["labels"])
+    return loss_sum
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile and DDP wrappers."""
+    while hasattr(module, "_orig_mod") or hasattr(module, "module"):
+        module = getattr(module, "_orig_mod", None) or module.module
+    return module
 
 
 def native_weight_files(model: GPT) -> dict[str, bytes]:
@@ -90,6 +110,7 @@ def build_native(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Mod
                  f"{config.n_head} heads / {config.n_kv_head} kv, vocab {config.vocab_size})",
         max_seq_len=config.max_seq_len,
         forward_with=_native_forward,
+        loss_sum_with=_native_loss_sum,
         checkpoint_files=lambda: native_weight_files(model),
         load_checkpoint=lambda d: load_native_weights(model, d),
         flops_per_token=model.flops_per_token,

@@ -30,6 +30,7 @@ from codex_ml.runs import CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, 
 from codex_ml.tracking.console import ConsoleReporter
 from codex_ml.tracking.events import EventLog, NdjsonSink
 from codex_ml.tracking.sinks import start_trackers
+from codex_ml.tracking.wandb_sink import require_wandb
 from codex_ml.training.checkpoint import (
     latest_complete_checkpoint,
     load_torch_file,
@@ -112,6 +113,8 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, sweep: dict | None) -> dict:
     t = cfg.training
+    if cfg.tracking.wandb:
+        require_wandb()
     ckpt_root = run_dir / CHECKPOINTS_DIR
     if dist.is_main:
         for p in remove_partial(ckpt_root):
@@ -139,7 +142,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
     if t.compile:
         train_model = torch.compile(model)
     train_model = wrap_ddp(train_model, dist, device)
-    forward = bundle.forward_with(train_model)
+    loss_sum = bundle.loss_sum_with(train_model)
 
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device.type)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
@@ -179,13 +182,13 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
     trackers = None
     if dist.is_main:
         write_config(cfg, run_dir)
-        write_env(cfg, run_dir, prepared, {
+        env = write_env(cfg, run_dir, prepared, {
             "device": str(device), "world_size": dist.world_size, "model": bundle.describe,
             "parameters": bundle.parameter_counts(),
             "resumed_from": str(resume.path) if resume else None,
         })
         events = EventLog(NdjsonSink(run_dir / METRICS_FILE, truncate_to=metrics_offset))
-        trackers = start_trackers(cfg, run_dir, events, resumed=resume is not None, sweep=sweep, log=log)
+        trackers = start_trackers(cfg, run_dir, events, env, sweep, current_step=lambda: trainer.state.step, log=log)
 
     console = ConsoleReporter(resume.step if resume else 0, t.max_steps)
 
@@ -211,14 +214,16 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
             "trainer": trainer.state_dict(), "loader": loader_states, "rng": rng_state(),
             "metrics_offset": events.primary.size(),
         })
-        metrics = {k: v for k, v in state.last_metrics.items() if isinstance(v, (int, float))}
+        # a checkpoint carries the metrics of an evaluation at its own step only (for best-k)
+        fresh = state.last_eval_step == state.step
+        metrics = {k: v for k, v in state.last_metrics.items() if fresh and isinstance(v, (int, float))}
         path = save_checkpoint(ckpt_root, state.step, files, metrics=metrics,
                                extra={"tokens": state.tokens, "time": time.time()})
         prune_checkpoints(ckpt_root, t.keep_last, t.keep_best, t.best_metric, t.best_mode)
         emit({"event": "checkpoint", "step": state.step, "path": str(path.relative_to(run_dir))})
 
     trainer = Trainer(
-        train_model, forward, optimizer, scheduler, batches, settings, device, evaluate, save, emit,
+        train_model, loss_sum, optimizer, scheduler, batches, settings, device, evaluate, save, emit,
         autocast=autocast, scaler=scaler, all_reduce=dist.all_reduce_sum if dist.enabled else None,
         no_sync=getattr(train_model, "no_sync", contextlib.nullcontext), stop=stop, world_size=dist.world_size,
     )
@@ -253,12 +258,13 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
             events.log({"event": "interrupted", "step": state.step, "signal": name})
         else:
             _print_sample(cfg, bundle, tokenizer)
-            events.log({"event": "end", "step": state.step, **{k: v for k, v in result.items() if k.startswith("val_")}})
+            events.log({"event": "end", "step": state.step})
             if "val_loss" in result:
                 log(f"final val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) at step {state.step}; "
                     f"run folder {run_dir}")
         events.flush()
-        trackers.finish(run_dir, interrupted=stop.signal is not None)
+        final = latest_complete_checkpoint(ckpt_root)
+        trackers.finish(run_dir, interrupted=stop.signal is not None, final_checkpoint=final.path if final else None)
         events.close()
     if stop.signal is not None:
         raise KeyboardInterrupt(stop.signal)

@@ -1,6 +1,6 @@
 """The native training loop: accumulation, clipping, mixed precision, evaluation and checkpoints.
 
-The loop knows nothing about files or config: it calls ``forward`` on batches, ``evaluate`` for
+The loop knows nothing about files or config: it calls ``loss_sum`` on batches, ``evaluate`` for
 validation, ``save`` for checkpoints and ``emit`` for every event. Everything that must survive a
 restart is in ``state_dict()``, so a resumed run continues bit for bit.
 """
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from codex_ml.eval.loss import IGNORE_INDEX, summed_token_loss
+from codex_ml.eval.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -41,6 +41,7 @@ class LoopState:
     best: float | None = None
     evals_without_improvement: int = 0
     last_metrics: dict = field(default_factory=dict)  # of the latest evaluation
+    last_eval_step: int = -1
     interval_loss: float = 0.0  # summed over the steps since the last log line
     interval_steps: int = 0
     interval_tokens: int = 0
@@ -61,7 +62,7 @@ class Trainer:
     def __init__(
         self,
         model: torch.nn.Module,
-        forward: Callable[[dict], torch.Tensor],
+        loss_sum: Callable[[dict], torch.Tensor],
         optimizer: torch.optim.Optimizer,
         scheduler,
         batches: Iterator[dict],
@@ -77,7 +78,8 @@ class Trainer:
         stop: StopRequest | None = None,
         world_size: int = 1,
     ) -> None:
-        self.model, self.forward, self.optimizer, self.scheduler = model, forward, optimizer, scheduler
+        # loss_sum(batch): the cross-entropy summed over the batch's target tokens (labels != -100)
+        self.model, self.loss_sum, self.optimizer, self.scheduler = model, loss_sum, optimizer, scheduler
         self.batches, self.s, self.device = batches, settings, device
         self.evaluate, self.save, self.emit = evaluate, save, emit
         self.autocast, self.scaler, self.all_reduce, self.no_sync = autocast, scaler, all_reduce, no_sync
@@ -119,8 +121,7 @@ class Trainer:
             last = i == len(micro) - 1
             with contextlib.nullcontext() if last else self.no_sync():
                 with self.autocast():
-                    logits = self.forward(batch)
-                loss = summed_token_loss(logits, batch["labels"]) / n_tokens
+                    loss = self.loss_sum(batch) / n_tokens
                 # DDP averages gradients over ranks; scale back up to the global token mean.
                 scaled = loss * self.world_size if self.world_size > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -195,7 +196,7 @@ class Trainer:
         st, s = self.state, self.s
         metrics = self.evaluate()
         self.model.train()
-        st.last_metrics = metrics
+        st.last_metrics, st.last_eval_step = metrics, st.step
         self.emit({"event": "eval", "step": st.step, **metrics})
         value = metrics.get(s.best_metric)
         if value is None or not math.isfinite(value):

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up codex-ml in ./.venv from nothing but Python 3.10+ and pip.
+#   bash scripts/setup.sh          the package and its runtime dependencies
+#   bash scripts/setup.sh --dev    plus the test and lint tools, and Chromium for the report tests
+# PyTorch is pinned to 2.13.0 and installed first: on a CPU machine pip then keeps that build instead
+# of pulling a multi-GB CUDA build (where PyPI's default wheel is a CUDA one, set TORCH_INDEX to
+# https://download.pytorch.org/whl/cpu). GPU users: TORCH_INDEX=https://download.pytorch.org/whl/cu128.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+dev=0; [[ ${1:-} == --dev ]] && dev=1
+
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+if [[ -n ${TORCH_INDEX:-} ]]; then
+  pip install -q torch==2.13.0 --index-url "$TORCH_INDEX"
+else
+  pip install -q torch==2.13.0
+fi
+# Exactly the versions of requirements.lock, then the package itself on top.
+pip install -q -r requirements.lock
+pip install -q --no-deps -e .
+if [[ $dev == 1 ]]; then
+  # Headless Chromium renders the HTML reports in the tracking tests.
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the report rendering tests will fail" >&2
+  fi
+fi
+.venv/bin/codex-ml --help > /dev/null
+echo "codex-ml is installed in .venv: source .venv/bin/activate"
