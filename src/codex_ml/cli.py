@@ -8,6 +8,7 @@ values and runs its recipe. Mistakes a user can fix end in one line on stderr, n
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -69,6 +70,10 @@ COMMANDS: dict[str, Command] = {
     "config": Command("train", "print the resolved training config (with your overrides)", _config),
 }
 
+# Keys whose values are free text (code prompts): passed to Hydra quoted, so that parentheses,
+# commas and ${...} in code are text, not override syntax or interpolations.
+TEXT_KEYS = {"prompt", "suffix", "training.sample_prompt"}
+
 VALIDATORS = {
     "train": "validate_train", "tokenizer_command": "validate_tokenizer_command", "generate": "validate_generate",
 }
@@ -126,6 +131,23 @@ def _task(name: str):
     return task
 
 
+def hydra_quote(text: str) -> str:
+    """A Hydra quoted string whose value, after OmegaConf resolution, is exactly ``text``."""
+    out = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)  # backslashes before a quote, and the quote
+    out = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, out)  # backslashes before the closing quote
+    out = out.replace("${", "\\${")  # not an interpolation
+    return f"'{out}'"
+
+
+def quote_text_overrides(args: list[str]) -> list[str]:
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        already = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        out.append(f"{key}={hydra_quote(value)}" if sep and key in TEXT_KEYS and not already else arg)
+    return out
+
+
 def _check_overrides(config_name: str, args: list[str]) -> None:
     """Compose once before Hydra's main, so that a bad override is one clear line.
 
@@ -151,6 +173,7 @@ def _run_hydra(name: str, args: list[str]) -> None:
     from codex_ml.conf.store import register_schemas
 
     register_schemas()
+    args = quote_text_overrides(args)
     _check_overrides(COMMANDS[name].config, args)
     sys.argv = [f"codex-ml-{name}", *args]
     main = hydra.main(version_base=None, config_path="pkg://codex_ml.conf", config_name=COMMANDS[name].config)
