@@ -62,12 +62,31 @@ def _generate(cfg):
     generate_command(cfg)
 
 
+def _recipe(module: str, function: str):
+    """A command implemented by ``codex_ml.recipes.<module>.<function>(cfg)``, imported when run."""
+    def run(cfg):
+        import importlib
+
+        return getattr(importlib.import_module(f"codex_ml.recipes.{module}"), function)(cfg)
+    return run
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train", "train a model: tokenizer, data, training loop, checkpoints (resumes a run folder)", _train),
     "prepare": Command("train", "clean, split, tokenize and pack the data alone (cached for train)", _prepare),
     "tokenizer": Command("tokenizer_command", "train a tokenizer alone and save it to out=DIR", _tokenizer),
     "generate": Command("generate", "sample from a run: run_dir=RUN prompt=... [max_new_tokens=N temperature=T]", _generate),
     "config": Command("train", "print the resolved training config (with your overrides)", _config),
+    "evaluate": Command("evaluate", "evaluate a run's checkpoint: tasks=[loss,humaneval] (writes RUN/eval/)",
+                        _recipe("evaluate", "evaluate_command")),
+    "evaluate-samples": Command("evaluate_samples", "judge HumanEval-format completions in the sandbox: samples=FILE",
+                                _recipe("evaluate_samples", "evaluate_samples_command")),
+    "export": Command("export", "write a run as a Hugging Face model directory: run_dir=RUN out=DIR",
+                      _recipe("export", "export_command")),
+    "merge": Command("export", "merge a LoRA run's adapter into its base model: run_dir=RUN out=DIR",
+                     _recipe("export", "merge_command")),
+    "report": Command("report", "write RUN/report.html: plots, tables, config, environment", _recipe("report", "report_command")),
+    "compare": Command("compare", "compare runs: run_dirs=[A,B] [out=compare.html]", _recipe("report", "compare_command")),
 }
 
 # Keys whose values are free text (code prompts): passed to Hydra quoted, so that parentheses,
@@ -76,6 +95,8 @@ TEXT_KEYS = {"prompt", "suffix", "training.sample_prompt"}
 
 VALIDATORS = {
     "train": "validate_train", "tokenizer_command": "validate_tokenizer_command", "generate": "validate_generate",
+    "evaluate": "validate_evaluate", "evaluate_samples": "validate_evaluate_samples", "report": "validate_report",
+    "compare": "validate_compare", "export": "validate_export",
 }
 
 
@@ -183,7 +204,10 @@ def _run_hydra(name: str, args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print_help()
+        try:
+            print_help()
+        except BrokenPipeError:  # `codex-ml --help | head`
+            pass
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

