@@ -55,8 +55,9 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     # Hugging Face models (kind=hf), and where any model lives
-    path: Optional[str] = None
+    path: Optional[str] = None  # kind=hf: a local model directory; kind=native: a native run or checkpoint to continue
     trust_remote_code: bool = False
+    native_conversion: bool = True  # Llama-family HF models train in the native decoder (exact, faster)
     dtype: str = "fp32"  # the weights' dtype: fp32, bf16, fp16
     device: str = "auto"  # cpu, cuda, cuda:N, auto
     activation_checkpointing: bool = False

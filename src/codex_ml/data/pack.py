@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codex_ml.data.fim import FimSettings, fim_encode
 from codex_ml.errors import CodexError
 
 MANIFEST = "manifest.json"
@@ -35,26 +36,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ---------------------------------------------------------------- tokenizing in workers
 
 _worker_tokenizer = None
+_worker_fim = None
 
 
-def _init_worker(tokenizer_file: str) -> None:
-    global _worker_tokenizer
+def _init_worker(tokenizer_file: str, fim: FimSettings | None = None) -> None:
+    global _worker_tokenizer, _worker_fim
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     from tokenizers import Tokenizer
 
     _worker_tokenizer = Tokenizer.from_file(tokenizer_file)
-    _worker_tokenizer.encode_special_tokens = True
+    _worker_tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text
+    _worker_fim = fim
 
 
-def _encode_batch(texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+def _encode_batch(docs: list[tuple[str, str]]) -> list[list[int]]:
+    if _worker_fim is None:
+        return [e.ids for e in _worker_tokenizer.encode_batch([t for _, t in docs], add_special_tokens=False)]
+    encode = lambda text: _worker_tokenizer.encode(text, add_special_tokens=False).ids
+    return [fim_encode(text, doc_id, _worker_fim, encode) for doc_id, text in docs]
 
 
-def _batches(texts: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
+def _batches(docs: Iterable[tuple[str, str]], max_chars: int = 1 << 20) -> Iterator[list[tuple[str, str]]]:
     batch, size = [], 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc[1])
         if size >= max_chars:
             yield batch
             batch, size = [], 0
@@ -62,17 +68,18 @@ def _batches(texts: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[st
         yield batch
 
 
-def tokenize_texts(texts: Iterable[str], tokenizer_file: Path, num_workers: int) -> Iterator[list[int]]:
-    """Token ids of each text, in order; ``num_workers`` processes (0: in this process)."""
+def tokenize_documents(docs: Iterable[tuple[str, str]], tokenizer_file: Path, num_workers: int,
+                       fim: FimSettings | None = None) -> Iterator[list[int]]:
+    """Token ids of each (id, text) document, in order; ``num_workers`` processes (0: this one)."""
     if num_workers == 0:
-        _init_worker(str(tokenizer_file))
-        for batch in _batches(texts):
+        _init_worker(str(tokenizer_file), fim)
+        for batch in _batches(docs):
             yield from _encode_batch(batch)
         return
     # spawn: forking a process that holds torch's and tokenizers' thread pools is unsafe
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_file),)) as pool:
-        for encoded in pool.imap(_encode_batch, _batches(texts)):
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_file), fim)) as pool:
+        for encoded in pool.imap(_encode_batch, _batches(docs)):
             yield from encoded
 
 

@@ -59,11 +59,53 @@ def _first_stop(text: str, stops: list[str]) -> int:
 
 
 @torch.no_grad()
-def generate(model: GPT, tokenizer, prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
-    """``s.n`` completions of each prompt, in order."""
+def generate(model: torch.nn.Module, tokenizer, prompts: list[str] | list[list[int]],
+             s: SamplingSettings) -> list[list[Completion]]:
+    """``s.n`` completions of each prompt (text, or token ids), in order: our KV-cache decoder for the native model,
+    Hugging Face's ``generate`` for other causal LMs (same settings, same stop handling)."""
+    if isinstance(model, GPT):
+        return _generate_native(model, tokenizer, prompts, s)
+    return _generate_hf(model, tokenizer, prompts, s)
+
+
+def _finish(tokenizer, ids: list[int], s: SamplingSettings, eos_seen: bool) -> Completion:
+    text = tokenizer.decode(ids)
+    cut = _first_stop(text, s.stop) if s.stop else -1
+    if cut >= 0:
+        return Completion(text[:cut], ids, "stop")
+    return Completion(text, ids, "eos" if eos_seen else "length")
+
+
+def _generate_hf(model, tokenizer, prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
+    device = next(model.parameters()).device
+    encoded = [(list(p) if isinstance(p, list) else tokenizer.encode(p)) or [tokenizer.eos_id] for p in prompts]
+    longest = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), longest), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, longest - len(e):] = torch.tensor(e)
+        mask[i, longest - len(e):] = 1
+    torch.manual_seed(s.seed)
+    sampling = {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k or None, "top_p": s.top_p} \
+        if s.temperature > 0 else {"do_sample": False}
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=s.max_new_tokens,
+                         num_return_sequences=s.n, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                         **sampling)
+    results = []
+    for i in range(len(prompts)):
+        group = []
+        for j in range(s.n):
+            new = out[i * s.n + j, longest:].tolist()
+            eos = tokenizer.eos_id in new
+            group.append(_finish(tokenizer, new[: new.index(tokenizer.eos_id)] if eos else new, s, eos))
+        results.append(group)
+    return results
+
+
+def _generate_native(model: GPT, tokenizer, prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
     device = model.lm_head.weight.device
     model.eval()
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
     rows = [ids for ids in encoded for _ in range(s.n)]
     if not rows:
         return []

@@ -1,4 +1,10 @@
-"""Recipe piece: find a run's checkpoint by name and load its model and tokenizer for inference."""
+"""Recipe piece: find a run's checkpoint by name and load its model and tokenizer for inference.
+
+A checkpoint holds one of: native weights (``model_config.json``), a Hugging Face module's weights
+(``config.json``), or a LoRA adapter (``adapter_config.json``) over the base named in
+``model_source.json``. Whatever it holds, ``load_checkpoint_model`` returns a plain model (adapters
+merged) that ``eval.generate`` and ``export`` work with.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 import torch
 
 from codex_ml.models.gpt import CONFIG_NAME, GPT, GPTConfig
-from codex_ml.recipes.models import load_native_weights
+from codex_ml.recipes.models import BASE_WEIGHTS, SOURCE_FILE, _load_hf_weights, load_native_weights
 from codex_ml.runs import CHECKPOINTS_DIR, CONFIG_FILE, TOKENIZER_DIR, RunError
 from codex_ml.tokenizer.core import CodeTokenizer
 from codex_ml.training.checkpoint import (
@@ -59,8 +65,16 @@ def _best_rule(run_dir: Path) -> tuple[str, str]:
     return training.get("best_metric", "val_loss"), training.get("best_mode", "min")
 
 
+def checkpoint_source(path: Path) -> dict:
+    """What the checkpoint's weights are (native, hf, hf-native; lora or not)."""
+    if (path / SOURCE_FILE).exists():
+        return json.loads((path / SOURCE_FILE).read_text())
+    if (path / CONFIG_NAME).exists():
+        return {"kind": "native", "path": None, "lora": False}
+    raise CheckpointError(f"{path}: neither {SOURCE_FILE} nor {CONFIG_NAME}; not a codex-ml checkpoint")
+
+
 def load_native_checkpoint(path: Path, device: torch.device) -> GPT:
-    verify_checkpoint(path)
     try:
         config = GPTConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
     except (OSError, ValueError, TypeError) as e:
@@ -70,8 +84,50 @@ def load_native_checkpoint(path: Path, device: torch.device) -> GPT:
     return model.to(device).eval()
 
 
-def load_run_model(run_dir: Path, which: str | None, device: torch.device) -> tuple[GPT, CodeTokenizer, Path]:
+def _base_for_adapter(source: dict, run_dir: Path, path: Path):
+    """The frozen base a LoRA checkpoint adapts: a Hugging Face module, or the native decoder."""
+    if source["kind"] in ("hf", "hf-native"):
+        from codex_ml.models.hf import load_hf_causal_lm
+
+        return load_hf_causal_lm(source["path"], torch.float32, torch.device("cpu"))
+    if source.get("path"):
+        from codex_ml.recipes.models import find_native_weights
+
+        return load_native_checkpoint(find_native_weights(Path(source["path"])), torch.device("cpu"))
+    if (path / BASE_WEIGHTS).exists():
+        from safetensors.torch import load_file
+
+        config = GPTConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        model = GPT(config)
+        model.load_state_dict(load_file(str(path / BASE_WEIGHTS)), strict=False)
+        return model
+    raise CheckpointError(f"{path}: a LoRA adapter whose base model cannot be found")
+
+
+def load_checkpoint_model(run_dir: Path, path: Path, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's model, adapters merged: a native ``GPT`` or a Hugging Face causal LM."""
+    verify_checkpoint(path)
+    source = checkpoint_source(path)
+    if source.get("lora"):
+        from peft import PeftModel
+
+        base = _base_for_adapter(source, run_dir, path)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        return model.to(device).eval()
+    if source["kind"] == "hf":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config)
+        _load_hf_weights(model, path)
+        return model.to(device).eval()
+    return load_native_checkpoint(path, device)
+
+
+def load_run_model(run_dir: Path, which: str | None, device: torch.device):
+    """(model, tokenizer, checkpoint folder) of a run."""
     path = find_checkpoint(run_dir, which)
-    model = load_native_checkpoint(path, device)
+    model = load_checkpoint_model(run_dir, path, device)
     tokenizer = CodeTokenizer.load(run_dir / TOKENIZER_DIR)
     return model, tokenizer, path
+

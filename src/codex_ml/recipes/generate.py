@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from codex_ml.conf.schema import GenerateConfig
+from codex_ml.data.fim import fim_prompt
+from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
 from codex_ml.recipes.checkpoints import load_run_model
 from codex_ml.training.device import resolve_device
@@ -19,10 +19,18 @@ def generate_command(cfg: GenerateConfig) -> None:
     print(f"# {ckpt}", file=sys.stderr)
     settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(cfg.stop))
-    torch.manual_seed(cfg.seed)
     prompt = cfg.prompt
-    completions = generate(model, tokenizer, [prompt], settings)[0]
+    if cfg.suffix is not None:
+        # infilling: the model writes the middle between prompt and suffix (fill-in-the-middle, PSM)
+        ids = tokenizer.fim_ids
+        if None in (ids["prefix"], ids["middle"], ids["suffix"]):
+            raise CodexError("suffix=... asks for infilling, but the run's tokenizer has no fill-in-the-middle tokens")
+        roles = (ids["prefix"], ids["middle"], ids["suffix"])
+        request = [fim_prompt(tokenizer.encode(prompt), tokenizer.encode(cfg.suffix), roles)]
+    else:
+        request = [prompt]
+    completions = generate(model, tokenizer, request, settings)[0]
     for i, c in enumerate(completions):
         if cfg.n > 1:
             print(f"# sample {i + 1}/{cfg.n} ({c.finish_reason})")
-        print(prompt + c.text)
+        print(prompt + c.text + (cfg.suffix or ""))

@@ -1,20 +1,34 @@
-"""Recipe piece: build the model a config asks for, with what the loop and checkpoints need of it."""
+"""Recipe piece: build the model a config asks for, with what the loop and checkpoints need of it.
+
+Three kinds of model reach the loop: the native decoder (from scratch, or continuing a native
+run); a Llama-family Hugging Face directory converted exactly into the native decoder (native
+speed; ``model.native_conversion``); and any other local causal LM as the Hugging Face module
+itself. Each may be wrapped with LoRA. The bundle hides the differences from the loop.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from codex_ml.conf.schema import TrainConfig
+from codex_ml.conf.schema import ConfigError, TrainConfig
+from codex_ml.eval.loss import summed_token_loss
 from codex_ml.models.fused_loss import linear_cross_entropy
 from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig
 from codex_ml.training.checkpoint import CheckpointError
+from codex_ml.training.device import DTYPES
+
+HF_CONFIG = "config.json"
+BASE_WEIGHTS = "base_model.safetensors"  # a LoRA run's frozen base, kept when no model.path has it
+SOURCE_FILE = "model_source.json"  # what a checkpoint's weights are: native, converted Llama, or an HF module
+# HF architectures whose logits are exactly lm_head(backbone(x)): the fused loss applies
+_FUSABLE = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "starcoder2", "gpt_bigcode", "phi3"}
 
 
 def padded_vocab(tokenizer_size: int, multiple: int = 64) -> int:
@@ -24,7 +38,7 @@ def padded_vocab(tokenizer_size: int, multiple: int = 64) -> int:
 
 @dataclass
 class ModelBundle:
-    module: torch.nn.Module
+    module: torch.nn.Module  # what trains (LoRA-wrapped when asked)
     describe: str
     max_seq_len: int
     forward_with: Callable[[torch.nn.Module], Callable[[dict], torch.Tensor]]  # batch -> logits
@@ -32,7 +46,13 @@ class ModelBundle:
     checkpoint_files: Callable[[], dict[str, bytes]]
     load_checkpoint: Callable[[Path], None]
     flops_per_token: Callable[[int], float]
-    can_generate: bool = True
+    native: GPT | None = None  # the native decoder inside, when there is one (generation, export)
+    source: dict = field(default_factory=dict)
+    supports_packing: bool = True
+
+    @property
+    def can_generate(self) -> bool:
+        return self.native is not None
 
     def parameter_counts(self) -> dict:
         params = list(self.module.parameters())
@@ -49,6 +69,22 @@ def native_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     )
 
 
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile, DDP and PEFT wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "get_base_model"):
+            module = module.get_base_model()
+        else:
+            return module
+
+
+# ------------------------------------------------------------------ forward and loss
+
+
 def _native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
         return module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
@@ -57,7 +93,10 @@ def _native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
 
 def _native_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     """The loss fused with the output projection: no full logits tensor (see models/fused_loss.py)."""
-    head = _unwrapped(module).lm_head
+    head = unwrapped(module).lm_head
+    if type(head) is not torch.nn.Linear:  # LoRA on the output layer: its weight alone is not the projection
+        forward = _native_forward(module)
+        return lambda batch: summed_token_loss(forward(batch), batch["labels"])
 
     def loss_sum(batch: dict) -> torch.Tensor:
         hidden = module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"),
@@ -66,11 +105,33 @@ def _native_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     return loss_sum
 
 
-def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside torch.compile and DDP wrappers."""
-    while hasattr(module, "_orig_mod") or hasattr(module, "module"):
-        module = getattr(module, "_orig_mod", None) or module.module
-    return module
+def _hf_kwargs(batch: dict) -> dict:
+    kw = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        kw["attention_mask"] = batch["attention_mask"]
+    return kw
+
+
+def _hf_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+    def forward(batch: dict) -> torch.Tensor:
+        return module(**_hf_kwargs(batch), use_cache=False).logits
+    return forward
+
+
+def _hf_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+    inner = unwrapped(module)
+    if getattr(inner.config, "model_type", None) not in _FUSABLE:
+        forward = _hf_forward(module)
+        return lambda batch: summed_token_loss(forward(batch), batch["labels"])
+    backbone, head = inner.base_model, inner.get_output_embeddings()
+
+    def loss_sum(batch: dict) -> torch.Tensor:
+        hidden = backbone(**_hf_kwargs(batch), use_cache=False).last_hidden_state
+        return linear_cross_entropy(hidden, head.weight, batch["labels"])
+    return loss_sum
+
+
+# ------------------------------------------------------------------ weights in checkpoints
 
 
 def native_weight_files(model: GPT) -> dict[str, bytes]:
@@ -83,41 +144,155 @@ def native_weight_files(model: GPT) -> dict[str, bytes]:
     }
 
 
-def load_native_weights(model: GPT, directory: Path) -> None:
-    path = directory / WEIGHTS_NAME
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = load_safetensors(path.read_bytes())
+        return load_safetensors(path.read_bytes())
     except Exception as e:  # safetensors raises its own error type for malformed headers
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+
+
+def load_native_weights(model: GPT, directory: Path) -> None:
+    path = directory / WEIGHTS_NAME
+    missing, unexpected = model.load_state_dict(_read_safetensors(path), strict=False)
     missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def build_native(cfg: TrainConfig, vocab_size: int, device: torch.device) -> ModelBundle:
-    config = native_config(cfg, vocab_size)
-    if config.vocab_size < vocab_size:
-        from codex_ml.conf.schema import ConfigError
-
-        raise ConfigError("model.vocab_size", f"{config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
-    model = GPT(config).to(device)
-    if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing = True
-    return ModelBundle(
-        module=model,
-        describe=f"native {cfg.model.preset} ({config.n_layer} layers, width {config.d_model}, "
-                 f"{config.n_head} heads / {config.n_kv_head} kv, vocab {config.vocab_size})",
-        max_seq_len=config.max_seq_len,
-        forward_with=_native_forward,
-        loss_sum_with=_native_loss_sum,
-        checkpoint_files=lambda: native_weight_files(model),
-        load_checkpoint=lambda d: load_native_weights(model, d),
-        flops_per_token=model.flops_per_token,
-    )
+def _hf_weight_files(model: torch.nn.Module) -> dict[str, bytes]:
+    state = _drop_shared({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    return {
+        WEIGHTS_NAME: save_safetensors(state, metadata={"format": "pt"}),
+        HF_CONFIG: (model.config.to_json_string() + "\n").encode(),
+    }
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, tokenizer_dir: Path, log) -> ModelBundle:
-    if cfg.model.kind == "native":
-        return build_native(cfg, vocab_size, device)
-    raise NotImplementedError(f"model.kind={cfg.model.kind} is not supported yet")
+def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): keep the first of each."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else (k,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def _load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
+    path = directory / WEIGHTS_NAME
+    missing, unexpected = model.load_state_dict(_read_safetensors(path), strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and "lm_head" in k)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def find_native_weights(path: Path) -> Path:
+    """A native model's weights in a run folder (its newest checkpoint), a checkpoint, or a save_model folder."""
+    if (path / WEIGHTS_NAME).exists() and (path / CONFIG_NAME).exists():
+        return path
+    from codex_ml.training.checkpoint import latest_complete_checkpoint
+
+    found = latest_complete_checkpoint(path / "checkpoints")
+    if found is None or not (found.path / CONFIG_NAME).exists():
+        raise ConfigError("model.path", f"{path} holds no native model ({WEIGHTS_NAME} with {CONFIG_NAME}), "
+                                        "nor a run folder with a complete checkpoint of one")
+    return found.path
+
+
+# ------------------------------------------------------------------ building
+
+
+def _base_model(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype, log) -> tuple[torch.nn.Module, GPT | None, dict]:
+    """(the module, the native decoder when there is one, a description of where it came from)."""
+    m = cfg.model
+    if m.kind == "native":
+        if m.path:
+            src = find_native_weights(Path(m.path).expanduser())
+            config = GPTConfig.from_dict(json.loads((src / CONFIG_NAME).read_text()))
+            model = GPT(config)
+            load_native_weights(model, src)
+            log(f"model: continuing the native model in {src}")
+            return model.to(dtype), model, {"kind": "native", "path": str(src)}
+        model = GPT(native_config(cfg, vocab_size)).to(dtype)
+        return model, model, {"kind": "native", "path": None}
+    from codex_ml.models.convert import ConversionError, gpt_config_from_llama, hf_to_native
+    from codex_ml.models.hf import check_model_dir, hf_config, load_hf_causal_lm
+
+    path = Path(m.path).expanduser().resolve()
+    check_model_dir(path)
+    config = hf_config(path, m.trust_remote_code)
+    if m.native_conversion and cfg.training.engine == "native":
+        try:
+            gpt_config_from_llama(config)
+            convertible = True
+        except ConversionError as why:
+            convertible = False
+            log(f"model: {config.model_type} trains as the Hugging Face module ({why})")
+        if convertible:
+            hf = load_hf_causal_lm(path, torch.float32, torch.device("cpu"), m.trust_remote_code)
+            model = hf_to_native(hf).to(dtype)
+            del hf
+            log(f"model: {path} ({config.model_type}) loaded into the native decoder, exactly")
+            return model, model, {"kind": "hf-native", "path": str(path), "model_type": config.model_type}
+    model = load_hf_causal_lm(path, dtype, torch.device("cpu"), m.trust_remote_code)
+    model.config.use_cache = False
+    return model, None, {"kind": "hf", "path": str(path), "model_type": config.model_type}
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log) -> ModelBundle:
+    m, lo = cfg.model, cfg.lora
+    dtype = DTYPES[m.dtype]
+    base, native, source = _base_model(cfg, vocab_size, dtype, log)
+    hf_module = native is None
+    if hf_module:
+        emb = base.get_input_embeddings().weight.shape[0]
+        if emb < vocab_size:
+            raise ConfigError("model.path", f"the model's {emb} embeddings are fewer than its tokenizer's {vocab_size} tokens")
+    elif native.config.vocab_size < vocab_size:
+        raise ConfigError("model.vocab_size", f"{native.config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
+    if m.activation_checkpointing:
+        if hf_module:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            native.gradient_checkpointing = True
+    module = base
+    hf_names = source["kind"] in ("hf", "hf-native")
+    if lo.enabled:
+        from codex_ml.models.lora import adapter_files, apply_lora, load_adapter
+
+        frozen = {}
+        if source["kind"] == "native" and not source.get("path"):
+            # a base made from scratch exists nowhere else: keep it next to the adapter
+            weights = native_weight_files(native)
+            frozen = {BASE_WEIGHTS: weights[WEIGHTS_NAME], CONFIG_NAME: weights[CONFIG_NAME]}
+        module = apply_lora(base, lo.r, lo.alpha, lo.dropout, list(lo.target_modules), causal_lm=hf_module)
+        files = lambda: {**adapter_files(module, hf_names=source["kind"] == "hf-native", base_path=source.get("path")),
+                         **frozen}
+        load = lambda d: load_adapter(module, d, hf_names=source["kind"] == "hf-native")
+    elif hf_module:
+        files, load = (lambda: _hf_weight_files(base)), (lambda d: _load_hf_weights(base, d))
+    else:
+        files, load = (lambda: native_weight_files(native)), (lambda d: load_native_weights(native, d))
+    module = module.to(device)
+
+    def checkpoint_files() -> dict[str, bytes]:
+        out = files()
+        out[SOURCE_FILE] = (json.dumps({**source, "lora": lo.enabled, "adapter_hf_names": hf_names and lo.enabled},
+                                       indent=2) + "\n").encode()
+        return out
+
+    if hf_module:
+        config = base.config
+        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        n = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
+        describe = f"{config.model_type} from {source['path']} (Hugging Face module)"
+        return ModelBundle(module, describe, int(max_len), _hf_forward, _hf_loss_sum, checkpoint_files, load,
+                           lambda seq: 6.0 * n, native=None, source=source, supports_packing=False)
+    c = native.config
+    origin = f"from {source['path']}" if source.get("path") else m.preset
+    describe = (f"native {origin} ({c.n_layer} layers, width {c.d_model}, {c.n_head} heads / {c.n_kv_head} kv, "
+                f"vocab {c.vocab_size}, {m.dtype})")
+    return ModelBundle(module, describe, c.max_seq_len, _native_forward, _native_loss_sum, checkpoint_files, load,
+                       native.flops_per_token, native=native, source=source)

@@ -17,13 +17,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from codex_ml.conf.schema import DataConfig, TokenizerConfig
 from codex_ml.data.clean import CleaningConfig, CleaningReport, Document, clean_documents
-from codex_ml.data.pack import FORMAT_VERSION, MANIFEST, read_manifest, token_dtype, tokenize_texts, write_split
+from codex_ml.data.fim import FimSettings
+from codex_ml.data.pack import FORMAT_VERSION, MANIFEST, read_manifest, token_dtype, tokenize_documents, write_split
+from codex_ml.data.rows import Rows, pack_examples, truncate
 from codex_ml.data.sources import open_source
-from codex_ml.data.split import split_documents
+from codex_ml.data.split import is_validation, split_documents
 from codex_ml.errors import CodexError
 from codex_ml.tokenizer.core import TOKENIZER_FILE, CodeTokenizer, SpecialTokens
 from codex_ml.tokenizer.train import train_tokenizer
@@ -157,7 +160,8 @@ def prepare_data(data: DataConfig, tok: TokenizerConfig, tokenizer_dir: Path | N
         tokenizer = CodeTokenizer.load(tokenizer_dir)
     else:
         tokenizer, tokenizer_dir = _tokenizer(corpus, tok, root, log)
-    final = root / "data" / _key(corpus.key, tokenizer.sha256())
+    fim = fim_settings(data, tokenizer)
+    final = root / "data" / _key(corpus.key, tokenizer.sha256(), fim)
     if (final / MANIFEST).exists():
         manifest = read_manifest(final)
         log(f"data: reusing {final}")
@@ -173,7 +177,9 @@ def prepare_data(data: DataConfig, tok: TokenizerConfig, tokenizer_dir: Path | N
     start = time.time()
     for name, docs in (("train", train), ("val", val)):
         bar = tqdm(total=len(docs), desc=f"tokenizing {name}", unit="doc", disable=None, file=sys.stderr)
-        token_lists = _counted(tokenize_texts((d.text for d in docs), tokenizer_dir / TOKENIZER_FILE, data.num_workers), bar)
+        # fill-in-the-middle applies to training documents only: validation measures plain loss
+        token_lists = _counted(tokenize_documents(((d.id, d.text) for d in docs), tokenizer_dir / TOKENIZER_FILE,
+                                                  data.num_workers, fim if name == "train" else None), bar)
         stats = write_split(token_lists, tmp, name, tokenizer.eos_id, dtype)
         bar.close()
         splits[name] = asdict(stats)
@@ -199,7 +205,95 @@ def prepare_data(data: DataConfig, tok: TokenizerConfig, tokenizer_dir: Path | N
     return PreparedData(final, tokenizer, Path(tokenizer_dir), read_manifest(final))
 
 
+def fim_settings(data: DataConfig, tokenizer: CodeTokenizer) -> FimSettings | None:
+    if data.fim_rate == 0:
+        return None
+    ids = tokenizer.fim_ids
+    missing = [role for role in ("prefix", "middle", "suffix") if ids[role] is None]
+    if missing:
+        raise DataError(f"data.fim_rate={data.fim_rate} needs fill-in-the-middle tokens; the tokenizer has no "
+                        f"{', '.join('fim_' + m for m in missing)} token")
+    return FimSettings(data.fim_rate, data.fim_mode, data.fim_spm_rate, ids["prefix"], ids["middle"], ids["suffix"])
+
+
 def _counted(items, bar):
     for item in items:
         bar.update(1)
         yield item
+
+
+# ---------------------------------------------------------------- supervised fine-tuning rows
+
+
+@dataclass
+class PreparedRows:
+    directory: Path
+    train: Rows
+    val: Rows
+    manifest: dict
+
+
+def _save_rows(rows: Rows, directory: Path, split: str) -> None:
+    for name in ("input_ids", "labels", "position_ids", "segments"):
+        np.save(directory / f"{split}_{name}.npy", getattr(rows, name))
+
+
+def _load_rows(directory: Path, split: str) -> Rows:
+    arrays = {name: np.load(directory / f"{split}_{name}.npy", mmap_mode="r")
+              for name in ("input_ids", "labels", "position_ids", "segments")}
+    return Rows(**arrays)
+
+
+def prepare_sft(data: DataConfig, tokenizer: CodeTokenizer, tokenizer_dir: Path, seq_len: int,
+                truncation_side: str = "right", log=print) -> PreparedRows:
+    """Fine-tuning examples from JSONL records, split by record id, packed into rows; cached."""
+    from codex_ml.data.sft import SftEncoder, read_records
+    from codex_ml.data.sources import _stat_fingerprint
+
+    files = []
+    for given in data.paths:
+        p = Path(given).expanduser()
+        if not p.exists():
+            raise DataError(f"data path {given} does not exist")
+        files += [(f.name, f) for f in ([p] if p.is_file() else sorted(p.rglob("*.jsonl")))]
+    key = _key(FORMAT_VERSION, "sft", _stat_fingerprint(files), tokenizer.sha256(), seq_len, data.pack,
+               data.val_fraction, data.id_field, truncation_side)
+    final = cache_root(data) / "sft" / key
+    if (final / MANIFEST).exists():
+        log(f"data: reusing {final}")
+        return PreparedRows(final, _load_rows(final, "train"), _load_rows(final, "val"), read_manifest(final))
+    encoder = SftEncoder(tokenizer_dir)
+    train, val, truncated = [], [], 0
+    for where, record in read_records(list(data.paths)):
+        example = encoder.encode(where, record)
+        example, cut = truncate(example, seq_len + 1, truncation_side)
+        truncated += cut
+        doc_id = str(record[data.id_field]) if data.id_field and data.id_field in record else where.rsplit("/", 1)[-1]
+        (val if is_validation(doc_id, data.val_fraction) else train).append(example)
+    if not train:
+        raise DataError(f"no training examples in {', '.join(data.paths)}")
+    if not val:
+        val.append(train.pop())
+    pad = tokenizer.pad_id
+    train_rows, val_rows = pack_examples(train, seq_len, pad, data.pack), pack_examples(val, seq_len, pad, data.pack)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_rows(train_rows, tmp, "train")
+    _save_rows(val_rows, tmp, "val")
+    trained = lambda rows: int((rows.labels != -100).sum())
+    manifest = {
+        "format": FORMAT_VERSION, "kind": "sft", "seq_len": seq_len, "pack": data.pack,
+        "tokenizer_sha256": tokenizer.sha256(), "truncated": truncated,
+        "splits": {"train": {"examples": len(train), "rows": len(train_rows), "target_tokens": trained(train_rows)},
+                   "val": {"examples": len(val), "rows": len(val_rows), "target_tokens": trained(val_rows)}},
+        "source": ", ".join(data.paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    manifest["sha256"] = hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _publish(tmp, final)
+    s = manifest["splits"]
+    log(f"data: {s['train']['examples']} training examples in {s['train']['rows']} rows of {seq_len} "
+        f"({'packed' if data.pack else 'one per row'}), {s['val']['examples']} validation; {truncated} truncated")
+    return PreparedRows(final, _load_rows(final, "train"), _load_rows(final, "val"), read_manifest(final))

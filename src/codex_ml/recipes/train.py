@@ -21,12 +21,25 @@ from omegaconf import OmegaConf
 from codex_ml.conf.schema import ConfigError, TrainConfig
 from codex_ml.data.loader import PackedBatches, TokenStream, eval_batches
 from codex_ml.data.pack import open_split
+from codex_ml.data.rows import RowBatches, eval_row_batches
+from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
 from codex_ml.eval.loss import evaluate_loss
+from codex_ml.models.hf import check_model_dir
 from codex_ml.recipes.models import build_model
-from codex_ml.recipes.prepare import PreparedData, cache_root, prepare_data
+from codex_ml.recipes.prepare import PreparedData, cache_root, prepare_data, prepare_sft
 from codex_ml.repro import environment, rng_state, seed_everything, set_deterministic, set_rng_state
-from codex_ml.runs import CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, TOKENIZER_DIR, RunLock, resolve_run_dir
+from codex_ml.runs import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    ENV_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    TOKENIZER_DIR,
+    RunLock,
+    resolve_run_dir,
+)
+from codex_ml.tokenizer.core import CodeTokenizer
 from codex_ml.tracking.console import ConsoleReporter
 from codex_ml.tracking.events import EventLog, NdjsonSink
 from codex_ml.tracking.sinks import start_trackers
@@ -57,10 +70,24 @@ def run_dir_of(cfg: TrainConfig, sweep_job_dir: str | None = None) -> Path:
     return resolve_run_dir(cfg.run.root, cfg.run.name, cfg.run.dir, sweep_job_dir)
 
 
+def model_tokenizer_dir(cfg: TrainConfig) -> Path | None:
+    """The tokenizer that comes with ``model.path``: an HF model's own, or the native run's it continues."""
+    if not cfg.model.path:
+        return None
+    path = Path(cfg.model.path).expanduser()
+    if cfg.model.kind == "hf":
+        check_model_dir(path)  # a missing or incomplete model directory fails before any data work
+        return path
+    for candidate in (path / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR):  # a run folder, or one of its checkpoints
+        if (candidate / "tokenizer.json").exists():
+            return candidate
+    raise ConfigError("model.path", f"{path} is neither a native run folder nor one of its checkpoints (no {TOKENIZER_DIR}/)")
+
+
 def prepare_for_run(cfg: TrainConfig, run_dir: Path) -> PreparedData:
     """Data and tokenizer for a run; the run's own tokenizer once it has one, so resume never retrains it."""
     own = run_dir / TOKENIZER_DIR
-    model_tokenizer = Path(cfg.model.path) if cfg.model.kind == "hf" and cfg.model.path else None
+    model_tokenizer = model_tokenizer_dir(cfg)
     tokenizer_dir = own if (own / "tokenizer.json").exists() else model_tokenizer
     prepared = prepare_data(cfg.data, cfg.tokenizer, tokenizer_dir=tokenizer_dir, log=log)
     if not (own / "tokenizer.json").exists():
@@ -76,23 +103,43 @@ def write_config(cfg: TrainConfig, run_dir: Path) -> None:
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def write_env(cfg: TrainConfig, run_dir: Path, prepared: PreparedData, extra: dict) -> dict:
+def dataset_record(prepared) -> dict:
+    """What env.json says of the data: its hash, where it is cached, its splits."""
+    m = prepared.manifest
+    return {"sha256": m["sha256"], "path": str(prepared.directory), "source": m["source"], "splits": m["splits"]}
+
+
+def write_env(cfg: TrainConfig, run_dir: Path, dataset: dict, tokenizer: CodeTokenizer, extra: dict) -> dict:
     env = environment()
     env.update({
         "seed": cfg.training.seed,
         "seeds": {"python": cfg.training.seed, "numpy": cfg.training.seed, "torch": cfg.training.seed,
                   "data_order": cfg.training.seed},
         "deterministic": cfg.training.deterministic,
-        "dataset": {"sha256": prepared.manifest["sha256"], "path": str(prepared.directory),
-                    "source": prepared.manifest["source"], "splits": {
-                        k: {"documents": v["documents"], "tokens": v["tokens"]}
-                        for k, v in prepared.manifest["splits"].items()}},
-        "tokenizer": {"sha256": prepared.tokenizer.sha256(), "vocab_size": len(prepared.tokenizer)},
+        "dataset": dataset,
+        "tokenizer": {"sha256": tokenizer.sha256(), "vocab_size": len(tokenizer)},
         "cache_dir": str(cache_root(cfg.data)),
         **extra,
     })
     (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2, default=str) + "\n")
     return env
+
+
+def sft_tokenizer(cfg: TrainConfig, run_dir: Path) -> CodeTokenizer:
+    """Fine-tuning records come with no corpus to train a tokenizer on: use the model's (or tokenizer.path)."""
+    own = run_dir / TOKENIZER_DIR
+    if not (own / "tokenizer.json").exists():
+        source = model_tokenizer_dir(cfg) or (Path(cfg.tokenizer.path).expanduser() if cfg.tokenizer.path else None)
+        if source is None:
+            raise ConfigError("model.path", "data.source=sft fine-tunes a model: set model.path (model=hf, or a native "
+                                            "run to continue), or tokenizer.path")
+        tokenizer = CodeTokenizer.load(source)
+        tmp = run_dir / f".tmp-{TOKENIZER_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt", "*.npy"))
+        tmp.rename(own)
+        del tokenizer
+    return CodeTokenizer.load(own)
 
 
 def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None = None) -> dict:
@@ -102,11 +149,18 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    existed = run_dir.exists()
     lock = RunLock(run_dir)
     if dist.is_main:
         lock.acquire()
     try:
         return _train_locked(cfg, run_dir, device, dist, sweep)
+    except CodexError:
+        # a run refused before it wrote anything leaves no empty folder behind
+        if dist.is_main and not existed and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, f".tmp-{TOKENIZER_DIR}"}:
+            lock.release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         lock.release()
 
@@ -126,13 +180,19 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
 
     set_deterministic(t.deterministic)
     seed_everything(t.seed + dist.rank)
-    prepared = prepare_for_run(cfg, run_dir) if dist.is_main else None
-    dist.barrier()
-    if prepared is None:
-        prepared = prepare_data(cfg.data, cfg.tokenizer, tokenizer_dir=run_dir / TOKENIZER_DIR, log=lambda m: None)
-    tokenizer = prepared.tokenizer
+    is_sft = cfg.data.source == "sft"
+    if is_sft:
+        tokenizer = sft_tokenizer(cfg, run_dir) if dist.is_main else None
+        dist.barrier()
+        tokenizer = tokenizer or CodeTokenizer.load(run_dir / TOKENIZER_DIR)
+    else:
+        prepared = prepare_for_run(cfg, run_dir) if dist.is_main else None
+        dist.barrier()
+        if prepared is None:
+            prepared = prepare_data(cfg.data, cfg.tokenizer, tokenizer_dir=run_dir / TOKENIZER_DIR, log=lambda m: None)
+        tokenizer = prepared.tokenizer
 
-    bundle = build_model(cfg, len(tokenizer), device, tokenizer_dir=run_dir / TOKENIZER_DIR, log=log)
+    bundle = build_model(cfg, len(tokenizer), device, log=log)
     if cfg.data.seq_len is None:
         cfg.data.seq_len = bundle.max_seq_len if cfg.model.kind == "native" else min(bundle.max_seq_len, 2048)
     if cfg.data.seq_len > bundle.max_seq_len:
@@ -149,14 +209,26 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     autocast = autocast_factory(device, t.precision)
 
-    train_stream = TokenStream(open_split(prepared.directory, "train"))
-    val_stream = TokenStream(open_split(prepared.directory, "val"))
-    batches = PackedBatches(train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size)
+    if is_sft:
+        if cfg.data.pack and not bundle.supports_packing:
+            raise ConfigError("data.pack", "packed rows restart attention at every example, which needs the native "
+                                           "decoder; this model trains as a Hugging Face module: set data.pack=false")
+        native_rows = bundle.native is not None
+        prepared = prepare_sft(cfg.data, tokenizer, run_dir / TOKENIZER_DIR, cfg.data.seq_len,
+                               cfg.tokenizer.truncation_side, log=log if dist.is_main else lambda m: None)
+        batches = RowBatches(prepared.train, t.batch_size, t.seed, native_rows, dist.rank, dist.world_size)
+        val_rows = lambda: eval_row_batches(prepared.val, t.batch_size, native_rows, t.eval_batches)
+    else:
+        train_stream = TokenStream(open_split(prepared.directory, "train"))
+        val_stream = TokenStream(open_split(prepared.directory, "val"))
+        batches = PackedBatches(train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size)
+        val_rows = lambda: eval_batches(val_stream, cfg.data.seq_len, t.batch_size, t.eval_batches, dist.rank,
+                                        dist.world_size)
 
     def evaluate() -> dict:
         model.eval()
-        rows = eval_batches(val_stream, cfg.data.seq_len, t.batch_size, t.eval_batches, dist.rank, dist.world_size)
-        m = evaluate_loss(bundle.forward_with(model), rows, device, autocast, dist.all_reduce_sum if dist.enabled else None)
+        m = evaluate_loss(bundle.forward_with(model), val_rows(), device, autocast,
+                          dist.all_reduce_sum if dist.enabled else None)
         return {f"val_{k}": v for k, v in m.items()}
 
     settings = LoopSettings(
@@ -182,7 +254,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
     trackers = None
     if dist.is_main:
         write_config(cfg, run_dir)
-        env = write_env(cfg, run_dir, prepared, {
+        env = write_env(cfg, run_dir, dataset_record(prepared), tokenizer, {
             "device": str(device), "world_size": dist.world_size, "model": bundle.describe,
             "parameters": bundle.parameter_counts(),
             "resumed_from": str(resume.path) if resume else None,
@@ -240,7 +312,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if start_step < t.max_steps:
+        if start_step < t.max_steps and t.engine == "hf":
+            from codex_ml.training.hf_trainer import run_hf_trainer
+
+            state = run_hf_trainer(model, loss_sum, optimizer, scheduler, batches, settings, trainer.state,
+                                   t.batch_size, t.precision, t.seed, device, evaluate, save, emit, stop)
+        elif start_step < t.max_steps:
             state = trainer.run()
         else:
             state = trainer.state
@@ -276,7 +353,7 @@ def _print_sample(cfg: TrainConfig, bundle, tokenizer) -> None:
     if not t.sample_tokens or not bundle.can_generate:
         return
     settings = SamplingSettings(max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95, seed=t.seed)
-    completion = generate(bundle.module, tokenizer, [t.sample_prompt], settings)[0][0]
+    completion = generate(bundle.native, tokenizer, [t.sample_prompt], settings)[0][0]
     log("sample:\n" + t.sample_prompt + completion.text)
 
 

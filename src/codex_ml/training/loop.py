@@ -193,23 +193,27 @@ class Trainer:
         return st
 
     def _evaluate(self) -> None:
-        st, s = self.state, self.s
         metrics = self.evaluate()
         self.model.train()
-        st.last_metrics, st.last_eval_step = metrics, st.step
-        self.emit({"event": "eval", "step": st.step, **metrics})
-        value = metrics.get(s.best_metric)
-        if value is None or not math.isfinite(value):
-            return
-        better = st.best is None or (
-            value < st.best - s.early_stopping_min_delta if s.best_mode == "min"
-            else value > st.best + s.early_stopping_min_delta
-        )
-        if better:
-            st.best, st.evals_without_improvement = value, 0
-        else:
-            st.evals_without_improvement += 1
-            if s.early_stopping_patience and st.evals_without_improvement >= s.early_stopping_patience:
-                st.stopped_early = True
-                self.emit({"event": "early_stop", "step": st.step, "best": st.best,
-                           "evals_without_improvement": st.evals_without_improvement})
+        record_evaluation(self.state, self.s, metrics, self.emit)
+
+
+def record_evaluation(st: LoopState, s: LoopSettings, metrics: dict, emit: Callable[[dict], None]) -> None:
+    """Emit an evaluation, track the best value of ``s.best_metric``, and decide on early stopping."""
+    st.last_metrics, st.last_eval_step = metrics, st.step
+    emit({"event": "eval", "step": st.step, **metrics})
+    value = metrics.get(s.best_metric)
+    if value is None or not math.isfinite(value):
+        return
+    better = st.best is None or (
+        value < st.best - s.early_stopping_min_delta if s.best_mode == "min"
+        else value > st.best + s.early_stopping_min_delta
+    )
+    if better:
+        st.best, st.evals_without_improvement = value, 0
+    else:
+        st.evals_without_improvement += 1
+        if s.early_stopping_patience and st.evals_without_improvement >= s.early_stopping_patience:
+            st.stopped_early = True
+            emit({"event": "early_stop", "step": st.step, "best": st.best,
+                  "evals_without_improvement": st.evals_without_improvement})

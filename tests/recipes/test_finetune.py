@@ -1,0 +1,175 @@
+"""Fine-tuning end to end: local HF models, both engines, export, LoRA and merge, SFT, FIM, bad input."""
+
+import json
+import sys
+
+import pytest
+import torch
+from helpers import TINY_MODEL, data_args, run_cli, tiny_train_args
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+FAST = ["training.batch_size=4", "training.log_every=1", "training.checkpoint_every=3", "training.eval_batches=2",
+        "training.warmup_steps=2", "training.sample_tokens=0", "tracking.mlflow=false"]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.ndjson").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if r.get("event") == "train"]
+
+
+@pytest.fixture(scope="module")
+def hf_models(corpus_dir, tmp_path_factory):
+    """Small Llama, Qwen2 and GPT-2 models built from config and saved with a tokenizer of ours."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("hf")
+    run_cli("tokenizer", *data_args(corpus_dir), f"out={root / 'tok'}")
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, **ids)
+    torch.manual_seed(0)
+    models = {"llama": LlamaForCausalLM(LlamaConfig(**small)), "qwen2": Qwen2ForCausalLM(Qwen2Config(**small)),
+              "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids))}
+    for name, m in models.items():
+        m.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+    return root
+
+
+@pytest.mark.parametrize("arch,engine", [("llama", "native"), ("qwen2", "native"), ("gpt2", "hf"), ("llama", "hf")])
+def test_local_hf_models_fine_tune(hf_models, corpus_dir, tmp_path, arch, engine):
+    run = tmp_path / "run"
+    out = run_cli("train", "model=hf", f"model.path={hf_models / arch}", f"training.engine={engine}",
+                  "training.max_steps=4", *data_args(corpus_dir), f"run.dir={run}", *FAST)
+    assert "val_loss" in (run / "metrics.ndjson").read_text()
+    assert (run / "checkpoints" / "step_00000004" / "COMPLETE").exists()
+    if arch == "llama" and engine == "native":
+        assert "loaded into the native decoder, exactly" in out.stdout
+    source = json.loads((run / "checkpoints" / "step_00000004" / "model_source.json").read_text())
+    assert source["kind"] == ("hf-native" if (arch, engine) == ("llama", "native") else "hf")
+
+
+def test_both_engines_give_the_same_loss_curve(corpus_dir, tmp_path):
+    """Same model, batches (our loader), optimizer and schedule objects: agreement within 1e-4 relative."""
+    curves = []
+    for engine in ("native", "hf"):
+        run = tmp_path / engine
+        run_cli("train", *tiny_train_args(corpus_dir, run, steps=6, extra=[
+            f"training.engine={engine}", "training.log_every=1", "training.grad_accum=2", "training.deterministic=true"]))
+        curves.append(losses(run))
+    assert len(curves[0]) == 6
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_export_loads_in_transformers_with_equal_logits(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", *tiny_train_args(corpus_dir, run, steps=4))
+    out = tmp_path / "hf"
+    run_cli("export", f"run_dir={run}", f"out={out}")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    from codex_ml.recipes.checkpoints import load_run_model
+
+    native, _, _ = load_run_model(run, None, torch.device("cpu"))
+    x = torch.randint(0, len(tok), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (native(x) - hf(x).logits).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(corpus_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
+    run_cli("train", *tiny_train_args(corpus_dir, root / "run", steps=4))
+    run_cli("export", f"run_dir={root / 'run'}", f"out={root / 'hf'}")
+    return root / "hf"
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 6e-2)])
+def test_lora_adapter_loads_in_peft_and_merge_matches(exported, corpus_dir, tmp_path, dtype, tol):
+    from peft import PeftModel
+
+    run = tmp_path / "lora"
+    out = run_cli("train", "model=hf", f"model.path={exported}", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
+                  "training.lr=0.01", "training.max_steps=6", *data_args(corpus_dir), f"run.dir={run}", *FAST)
+    assert "trainable" in out.stdout
+    counts = [json.loads(line) for line in (run / "metrics.ndjson").read_text().splitlines()][0]
+    assert 0 < counts["trainable_parameters"] < counts["parameters"] / 5
+    adapter = run / "checkpoints" / "step_00000006"
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
+    merged_dir = tmp_path / "merged"
+    run_cli("merge", f"run_dir={run}", f"out={merged_dir}", f"dtype={dtype}")
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    base = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch_dtype)
+    adapted = PeftModel.from_pretrained(base, str(adapter)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch_dtype).eval()
+    x = torch.randint(0, merged.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, m = adapted(x).logits.float(), merged(x).logits.float()
+        plain = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch_dtype)(x).logits.float()
+    assert (a - m).abs().max() < tol
+    assert (plain - m).abs().max() > tol  # the adapter changed something
+
+
+def test_lora_grad_accumulation_matches_the_large_batch(exported, corpus_dir, tmp_path):
+    common = ["model=hf", f"model.path={exported}", "lora.enabled=true", "training.max_steps=3",
+              "training.deterministic=true", *data_args(corpus_dir), *FAST]
+    run_cli("train", *common, f"run.dir={tmp_path / 'big'}", "training.batch_size=8")
+    run_cli("train", *common, f"run.dir={tmp_path / 'acc'}", "training.batch_size=4", "training.grad_accum=2")
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
+
+
+def test_sft_with_packing_on_the_native_decoder(exported, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    rows = []
+    for i in range(40):
+        rows.append({"prompt": f"def add_{i}(a, b):\n", "completion": "    return a + b\n"})
+        rows.append({"messages": [{"role": "user", "content": f"print {i}"}, {"role": "assistant", "content": f"print({i})"}]})
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = tmp_path / "sft"
+    out = run_cli("train", "model=hf", f"model.path={exported}", "data.source=sft", f"data.paths=[{data}]",
+                  "data.seq_len=64", "training.max_steps=4", f"run.dir={run}", *FAST)
+    assert "packed" in out.stdout and "val_loss" in (run / "metrics.ndjson").read_text()
+
+
+def test_fim_training_and_infilling(corpus_dir, tmp_path):
+    run = tmp_path / "fim"
+    run_cli("train", *tiny_train_args(corpus_dir, run, steps=4, extra=["data.fim_rate=0.5", "data.fim_mode=mixed"]))
+    out = run_cli("generate", f"run_dir={run}", "prompt=def f(x):\n    ", "suffix=\n    return y\n",
+                  "max_new_tokens=8", "temperature=0")
+    assert out.stdout.startswith("def f(x):\n    ") and out.stdout.rstrip("\n").endswith("return y")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=hf", "model.path=/no/such/model"], "/no/such/model"),
+    (["model=tiny", "lora.enabled=true", "lora.target_modules=[no_such_proj]"], "no_such_proj"),
+    (["data.source=sft", "data.paths=[SFT]", "model=hf", "model.path=HF"], "sft.jsonl:2"),
+])
+def test_bad_fine_tuning_input_is_refused_before_training(exported, corpus_dir, tmp_path, args, needle):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "only"}) + "\n")
+    args = [a.replace("SFT", str(sft)).replace("=HF", f"={exported}") for a in args]
+    extra = [] if any(a.startswith("data.") for a in args) else data_args(corpus_dir)
+    out = run_cli("train", *args, *extra, *TINY_MODEL[1:] if "model=tiny" in args else [], f"run.dir={tmp_path / 'r'}",
+                  "training.max_steps=2", "tracking.mlflow=false", check=False)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_model_dir_without_weights_is_refused(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text('{"model_type": "llama"}')
+    out = run_cli("train", "model=hf", f"model.path={tmp_path / 'half'}", check=False)
+    assert out.returncode == 2 and "no weights" in out.stderr
+
+
+def test_lora_without_peft_is_an_error_with_the_install_line(monkeypatch):
+    from codex_ml.errors import CodexError
+    from codex_ml.models.lora import require_peft
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(CodexError, match="pip install peft"):
+        require_peft()
