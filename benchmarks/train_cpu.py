@@ -17,89 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
+import tempfile
 
 import torch
-
-
-def prepared_windows(seq_len: int, smoke: bool):
-    """The default job's tokenizer and packed data (cached after the first run)."""
-    from codex_ml.conf.schema import DataConfig, TokenizerConfig
-    from codex_ml.data.loader import TokenStream
-    from codex_ml.data.pack import open_split
-    from codex_ml.recipes.prepare import prepare_data
-
-    data = DataConfig(seq_len=seq_len, num_workers=2)
-    tok = TokenizerConfig(vocab_size=1024 if smoke else 4096)
-    prepared = prepare_data(data, tok, log=lambda m: None)
-    return prepared, TokenStream(open_split(prepared.directory, "train"))
-
-
-def run_ours(model, stream, args, warmup: int, compile: bool) -> float:
-    from codex_ml.data.loader import PackedBatches
-    from codex_ml.recipes.models import _native_loss_sum
-    from codex_ml.training.device import autocast_factory
-    from codex_ml.training.loop import LoopSettings, Trainer
-    from codex_ml.training.optim import build_optimizer, build_scheduler
-
-    opt = build_optimizer(model, args.lr, 0.1, (0.9, 0.95), 1e-8, "cpu")
-    sched = build_scheduler(opt, 10, args.steps, "cosine", 0.1)
-    batches = PackedBatches(stream, args.seq_len, args.batch_size, seed=0)
-    stamps = {}
-
-    def emit(event):
-        if event.get("event") == "train":
-            stamps[event["step"]] = time.perf_counter()
-
-    settings = LoopSettings(max_steps=args.steps, log_every=1, eval_every=0, checkpoint_every=10**9)
-    loss_sum = _native_loss_sum(torch.compile(model) if compile else model)
-    autocast = autocast_factory(torch.device("cpu"), args.precision)
-    trainer = Trainer(model, loss_sum, opt, sched, batches, settings, torch.device("cpu"),
-                      evaluate=lambda: {}, save=lambda s: None, emit=emit, autocast=autocast)
-    trainer.run()
-    return (args.steps - warmup) * args.batch_size * args.seq_len / (stamps[args.steps] - stamps[warmup])
-
-
-def run_hf_trainer(model, stream, args, warmup: int, out_dir: str, compile: bool) -> float:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from codex_ml.data.loader import window_batch
-
-    class Windows(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            self.n = (len(stream) - 1) // args.seq_len
-
-        def __len__(self) -> int:
-            return self.n
-
-        def __getitem__(self, i):
-            b = window_batch(stream, torch.tensor([i * args.seq_len]).numpy(), args.seq_len)
-            # the Trainer's causal-LM convention: labels equal inputs, the model shifts them
-            ids = torch.cat([b["input_ids"][0], b["labels"][0, -1:]])
-            return {"input_ids": ids[:-1], "labels": ids[:-1]}
-
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.stamps = {}
-
-        def on_step_end(self, a, state, control, **kw):
-            self.stamps[state.global_step] = time.perf_counter()
-
-    clock = Clock()
-    targs = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.1,
-        adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, torch_compile=compile,
-        bf16=args.precision == "bf16",
-    )
-    Trainer(model=model, args=targs, train_dataset=Windows(), callbacks=[clock]).train()
-    return (args.steps - warmup) * args.batch_size * args.seq_len / (clock.stamps[args.steps] - clock.stamps[warmup])
-
+from common import (
+    WindowDataset,
+    auto_precision,
+    machine_line,
+    prepared_windows,
+    run_our_loop,
+    run_variants,
+    step_clock,
+)
 
 VARIANTS = {
     "hf": "HF Trainer",
@@ -109,29 +38,45 @@ VARIANTS = {
 }
 
 
+def run_hf_trainer(model, stream, args, compile: bool) -> float:
+    from transformers import Trainer, TrainingArguments
+
+    clock = step_clock()
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+            learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.1,
+            adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to=[],
+            use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, torch_compile=compile,
+            bf16=args.precision == "bf16",
+        )
+        Trainer(model=model, args=targs, train_dataset=WindowDataset(stream, args.seq_len), callbacks=[clock]).train()
+    s = clock.stamps
+    return (args.steps - args.warmup) * args.batch_size * args.seq_len / (s[args.steps] - s[args.warmup])
+
+
 def measure(variant: str, args) -> float:
     """Tokens/s of one variant, in this process."""
-    import tempfile
-
     from codex_ml.conf.schema import TrainConfig
     from codex_ml.models.convert import native_to_hf
     from codex_ml.models.gpt import GPT
-    from codex_ml.recipes.models import native_config
+    from codex_ml.recipes.models import _native_loss_sum, native_config
 
     if variant.startswith("ours"):
         from codex_ml.runtime import tune_allocator
 
         tune_allocator()  # what `codex-ml` does at start-up
-    prepared, stream = prepared_windows(args.seq_len, args.smoke)
+    prepared, stream = prepared_windows(args.seq_len, 1024 if args.smoke else 4096)
     cfg = TrainConfig()
     cfg.model.max_seq_len = max(args.seq_len, 128)
     torch.manual_seed(0)
     native = GPT(native_config(cfg, len(prepared.tokenizer)))  # the same initial weights for every variant
     compile = variant.endswith("compile")
     if variant.startswith("ours"):
-        return run_ours(native, stream, args, args.warmup, compile)
-    with tempfile.TemporaryDirectory() as out:
-        return run_hf_trainer(native_to_hf(native), stream, args, args.warmup, out, compile)
+        loss_sum = _native_loss_sum(torch.compile(native) if compile else native)
+        return run_our_loop(native, loss_sum, stream, args.steps, args.warmup, args.batch_size, args.seq_len, args.lr,
+                            args.precision, torch.device("cpu"))
+    return run_hf_trainer(native_to_hf(native), stream, args, compile)
 
 
 def main() -> None:
@@ -149,30 +94,21 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.steps, args.warmup, args.batch_size, args.seq_len, args.rounds = 6, 2, 4, 32, 1
-    if args.precision == "auto":
-        args.precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    args.precision = auto_precision(args.precision)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.variant:
         print(json.dumps({"tokens_per_s": measure(args.variant, args)}))
         return
 
-    prepared_windows(args.seq_len, args.smoke)  # build the cached data once, outside the timings
+    prepared_windows(args.seq_len, 1024 if args.smoke else 4096)  # build the cached data once, outside the timings
     print(f"model: tiny preset; batch {args.batch_size} x {args.seq_len} tokens; {args.steps} steps timed after "
-          f"{args.warmup}; {args.precision}, AdamW, cosine; each variant in its own process, {args.rounds} interleaved round(s)")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}")
-    results = {v: [] for v in VARIANTS}
+          f"{args.warmup}; {args.precision}, AdamW, cosine; each variant in its own process, {args.rounds} "
+          "interleaved round(s)")
+    print(machine_line())
     passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch-size={args.batch_size}",
                    f"--seq-len={args.seq_len}", f"--lr={args.lr}", f"--precision={args.precision}"]
     passthrough += ["--smoke"] if args.smoke else []
-    for _ in range(args.rounds):
-        for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, f"--variant={variant}", *passthrough],
-                                 capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                sys.exit(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-            results[variant].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
-    median = {v: statistics.median(r) for v, r in results.items()}
+    median = {v: r["tokens_per_s"] for v, r in run_variants(__file__, VARIANTS, passthrough, args.rounds).items()}
     anchor = median["hf"]
     print(f"\n| {'variant':<38} | tokens/s | vs HF Trainer |")
     print(f"|{'-' * 40}|----------|---------------|")

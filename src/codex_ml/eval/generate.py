@@ -23,6 +23,7 @@ class SamplingSettings:
     n: int = 1  # samples per prompt
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    compile: bool = False  # a static cache and a compiled decoding step (CUDA graphs on GPU)
 
 
 @dataclass
@@ -102,11 +103,63 @@ def _generate_hf(model, tokenizer, prompts: list[str], s: SamplingSettings) -> l
     return results
 
 
-def _generate_native(model: GPT, tokenizer, prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
+class _Rows:
+    """What each row has generated, and why it stopped."""
+
+    def __init__(self, n_rows: int, tokenizer, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.generated: list[list[int]] = [[] for _ in range(n_rows)]
+        self.texts = [""] * n_rows
+        self.reasons = ["length"] * n_rows
+        self.done = [False] * n_rows
+
+    def observe(self, rows: list[int], tokens: list[int]) -> list[int]:
+        """Record one token per row; the positions (in ``rows``) of rows that just finished."""
+        finished = []
+        for j, (row, t) in enumerate(zip(rows, tokens)):
+            if self.done[row]:
+                continue
+            if t == self.tokenizer.eos_id:
+                self.reasons[row], self.done[row] = "eos", True
+                finished.append(j)
+                continue
+            self.generated[row].append(t)
+            if self.stops:
+                text = self.tokenizer.decode(self.generated[row])
+                cut = _first_stop(text, self.stops)
+                if cut >= 0:
+                    self.texts[row], self.reasons[row], self.done[row] = text[:cut], "stop", True
+                    finished.append(j)
+        return finished
+
+    def completions(self, n: int) -> list[list[Completion]]:
+        out = []
+        for i in range(0, len(self.generated), n):
+            group = []
+            for row in range(i, i + n):
+                text = self.texts[row] if self.reasons[row] == "stop" else self.tokenizer.decode(self.generated[row])
+                group.append(Completion(text, self.generated[row], self.reasons[row]))
+            out.append(group)
+        return out
+
+
+def _decode_step(model: GPT):
+    """The one-token decoding step, compiled once per model (CUDA graphs on GPU)."""
+    step = getattr(model, "_codex_ml_decode_step", None)
+    if step is None:
+        def decode(tok, pos, mask, cache):
+            return model(tok, position_ids=pos, attn_mask=mask, kv_cache=cache)[:, -1]
+        mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+        step = torch.compile(decode, mode=mode, dynamic=False)
+        model._codex_ml_decode_step = step
+    return step
+
+
+def _generate_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings) -> list[list[Completion]]:
     device = model.lm_head.weight.device
     model.eval()
     encoded = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
-    rows = [ids for ids in encoded for _ in range(s.n)]
+    rows = [(ids or [tokenizer.eos_id]) for ids in encoded for _ in range(s.n)]  # empty: start after a document
     if not rows:
         return []
     longest = max(len(r) for r in rows)
@@ -114,76 +167,77 @@ def _generate_native(model: GPT, tokenizer, prompts: list[str], s: SamplingSetti
     if longest >= context:
         raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context of {context}")
     max_new = min(s.max_new_tokens, context - longest)
-    generator = None
-    if s.temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(s.seed)
+    generator = torch.Generator(device=device).manual_seed(s.seed) if s.temperature > 0 else None
 
-    B = len(rows)
-    pad = tokenizer.pad_id
-    input_ids = torch.full((B, longest), pad, dtype=torch.long)
-    key_valid = torch.zeros((B, longest + max_new), dtype=torch.bool)
+    B, total = len(rows), longest + max_new
+    input_ids = torch.full((B, longest), tokenizer.pad_id, dtype=torch.long)
+    key_valid = torch.zeros((B, total), dtype=torch.bool)  # keys a row may attend to: its prompt, then all it writes
     for i, r in enumerate(rows):
-        if r:
-            input_ids[i, longest - len(r):] = torch.tensor(r)
+        input_ids[i, longest - len(r):] = torch.tensor(r)
         key_valid[i, longest - len(r):] = True
     input_ids, key_valid = input_ids.to(device), key_valid.to(device)
-    padded = any(len(r) != longest for r in rows) or longest == 0
-    if longest == 0:  # an empty prompt starts from end-of-text, as after a document boundary
-        input_ids = torch.full((B, 1), tokenizer.eos_id, dtype=torch.long, device=device)
-        key_valid = torch.cat([torch.ones((B, 1), dtype=torch.bool, device=device), key_valid], 1)
-        longest, padded = 1, False
+    padded = any(len(r) != longest for r in rows)
     positions = (key_valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+    track = _Rows(B, tokenizer, s.stop)
+    if s.compile:
+        _decode_static(model, input_ids, positions, key_valid, max_new, s, generator, track)
+    else:
+        _decode_dynamic(model, input_ids, positions, key_valid, padded, max_new, s, generator, track)
+    return track.completions(s.n)
 
+
+def _decode_dynamic(model, input_ids, positions, key_valid, padded, max_new, s, generator, track) -> None:
+    """Eager decoding: the cache grows with the sequence, finished rows leave the batch."""
+    B, longest = input_ids.shape
+    device = input_ids.device
     cache = model.new_kv_cache(B, longest + max_new)
     if padded:
         causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-        mask = causal[None, None] & key_valid[:, None, None, :longest]
-        logits = model(input_ids, position_ids=positions, attn_mask=mask, kv_cache=cache)[:, -1]
+        logits = model(input_ids, position_ids=positions,
+                       attn_mask=causal[None, None] & key_valid[:, None, None, :longest], kv_cache=cache)[:, -1]
     else:
         logits = model(input_ids, kv_cache=cache)[:, -1]
     next_pos = positions[:, -1] + 1
-
     alive = torch.arange(B, device=device)  # which original row each batch row is
-    generated: list[list[int]] = [[] for _ in range(B)]
-    texts = [""] * B
-    reasons = ["length"] * B
     for step in range(max_new):
         tok = next_tokens(logits, s, generator)
-        finished = []
-        for j, (row, t) in enumerate(zip(alive.tolist(), tok.tolist())):
-            if t == tokenizer.eos_id:
-                reasons[row] = "eos"
-                finished.append(j)
-                continue
-            generated[row].append(t)
-            if s.stop:
-                text = tokenizer.decode(generated[row])
-                cut = _first_stop(text, s.stop)
-                if cut >= 0:
-                    texts[row], reasons[row] = text[:cut], "stop"
-                    finished.append(j)
+        finished = track.observe(alive.tolist(), tok.tolist())
         if step == max_new - 1:
             break
         if finished:
-            keep = torch.tensor([j for j in range(len(alive)) if j not in set(finished)], dtype=torch.long, device=device)
+            gone = set(finished)
+            keep = torch.tensor([j for j in range(len(alive)) if j not in gone], dtype=torch.long, device=device)
             if keep.numel() == 0:
                 break
-            alive, tok, next_pos = alive[keep], tok[keep], next_pos[keep]
-            key_valid = key_valid[keep]
+            alive, tok, next_pos, key_valid = alive[keep], tok[keep], next_pos[keep], key_valid[keep]
             cache.reorder(keep)
-        length = cache.length + 1
         if padded:
-            mask = key_valid[:, None, None, :length]
+            mask = key_valid[:, None, None, :cache.length + 1]
             logits = model(tok[:, None], position_ids=next_pos[:, None], attn_mask=mask, kv_cache=cache)[:, -1]
         else:
             logits = model(tok[:, None], kv_cache=cache)[:, -1]
         next_pos = next_pos + 1
 
-    out: list[list[Completion]] = []
-    for i in range(0, B, s.n):
-        group = []
-        for row in range(i, i + s.n):
-            text = texts[row] if reasons[row] == "stop" else tokenizer.decode(generated[row])
-            group.append(Completion(text, generated[row], reasons[row]))
-        out.append(group)
-    return out
+
+def _decode_static(model, input_ids, positions, key_valid, max_new, s, generator, track) -> None:
+    """Compiled decoding: fixed shapes (a static cache spanning every position, all rows kept to the
+    end), so one compiled step, or one CUDA graph, serves every token."""
+    B, longest = input_ids.shape
+    device = input_ids.device
+    total = longest + max_new
+    cache = model.new_kv_cache(B, total, static=True)
+    cols = torch.arange(total, device=device)
+    causal = cols[None, :] <= torch.arange(longest, device=device)[:, None]  # (longest, total)
+    logits = model(input_ids, position_ids=positions, attn_mask=(causal[None] & key_valid[:, None])[:, None],
+                   kv_cache=cache)[:, -1]
+    step_fn = _decode_step(model)
+    next_pos = positions[:, -1:] + 1
+    rows = list(range(B))
+    for step in range(max_new):
+        tok = next_tokens(logits, s, generator)
+        track.observe(rows, tok.tolist())
+        if step == max_new - 1 or all(track.done):
+            break
+        mask = (key_valid & (cols <= longest + step))[:, None, None, :]
+        logits = step_fn(tok[:, None], next_pos, mask, cache)
+        next_pos = next_pos + 1

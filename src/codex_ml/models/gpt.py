@@ -107,10 +107,35 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def advance(self, n: int) -> None:
+        self.length += n
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` of the batch (e.g. after some sequences finished)."""
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
+
+
+class StaticKVCache(KVCache):
+    """A cache whose shapes never change, for ``torch.compile`` and CUDA graphs.
+
+    Writes go to the positions in the tensor ``slot`` (moved on by ``advance`` on the device, no
+    host round trip) and attention always spans all ``max_len`` positions: the caller's mask hides
+    the ones not written yet. Callers pass ``position_ids``.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.slot + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, index, k)
+        self.v[layer].index_copy_(2, index, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        self.slot.add_(n)
 
 
 class Attention(nn.Module):
@@ -224,13 +249,14 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos, sin, attn_mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, p.dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(self.config, batch_size, max_len or self.config.max_seq_len, p.device, p.dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
