@@ -106,7 +106,9 @@ def config_groups() -> dict[str, list[str]]:
     groups = {}
     for entry in sorted(conf.iterdir(), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("_"):
-            options = sorted(f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml"))
+            order = {"tiny": 0, "small": 1, "base": 2, "large": 3, "default": -1}  # by size, not alphabetically
+            options = sorted((f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml")),
+                             key=lambda o: (order.get(o, 9), o))
             if options:
                 groups[entry.name] = options
     return groups
