@@ -21,6 +21,18 @@ fi
 # Exactly the versions of requirements.lock, then the package itself on top.
 pip install -q -r requirements.lock
 pip install -q --no-deps -e .
+# bubblewrap isolates the generated programs that HumanEval judging runs (docs/sandbox.md). Without it the
+# sandbox falls back to weaker mechanisms and says so on every run.
+if ! command -v bwrap >/dev/null 2>&1; then
+  sudo=""; [[ $(id -u) != 0 ]] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 || -n $sudo ]]; then
+    ($sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq bubblewrap >/dev/null) \
+      || echo "warning: could not install bubblewrap; the HumanEval sandbox will be weaker and say so" >&2
+  else
+    echo "warning: bubblewrap (bwrap) is not installed: install it (apt-get install bubblewrap, dnf install bubblewrap)" \
+         "for the full HumanEval sandbox; without it the sandbox is weaker and says so" >&2
+  fi
+fi
 if [[ $dev == 1 ]]; then
   # Headless Chromium renders the HTML reports in the tracking tests.
   if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
