@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from common import (
     WindowDataset,
     auto_precision,

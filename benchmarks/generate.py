@@ -21,6 +21,7 @@ import argparse
 import time
 
 import torch
+
 from common import machine_line
 
 

@@ -20,6 +20,7 @@ import os
 import tempfile
 
 import torch
+
 from common import (
     WindowDataset,
     auto_precision,

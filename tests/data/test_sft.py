@@ -71,7 +71,7 @@ def test_failing_chat_template_names_the_record(tok_dir, tmp_path):
 
 def test_packed_loss_equals_unpacked_loss(tok_dir):
     enc = SftEncoder(tok_dir)
-    records = [{"prompt": f"def f{i}(x):\n", "completion": "    return x * %d\n" % i} for i in range(7)]
+    records = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x * {i}\n"} for i in range(7)]
     records.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "print('hi')"}]})
     examples = [enc.encode(f"r:{i}", r) for i, r in enumerate(records)]
     torch.manual_seed(0)

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY_MODEL, data_args, run_cli, tiny_train_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import TINY_MODEL, data_args, run_cli, tiny_train_args
 
 FAST = ["training.batch_size=4", "training.log_every=1", "training.checkpoint_every=3", "training.eval_batches=2",
         "training.warmup_steps=2", "training.sample_tokens=0", "tracking.mlflow=false"]

@@ -96,7 +96,8 @@ def humaneval_task(cfg: EvaluateConfig, model, tokenizer: CodeTokenizer, run_dir
 
     problems = load_problems()
     task_ids = list(problems)[: cfg.limit or None]
-    context = getattr(getattr(model, "config", None), "max_seq_len", None) or getattr(model.config, "max_position_embeddings", 2048)
+    config = model.config
+    context = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", 2048)
     room = max(1, context - cfg.max_new_tokens)
     settings = SamplingSettings(max_new_tokens=min(cfg.max_new_tokens, context - 1), temperature=cfg.temperature,
                                 top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(STOP_SEQUENCES))
