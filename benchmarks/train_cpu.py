@@ -61,7 +61,7 @@ def measure(variant: str, args) -> float:
     from codex_ml.conf.schema import TrainConfig
     from codex_ml.models.convert import native_to_hf
     from codex_ml.models.gpt import GPT
-    from codex_ml.recipes.models import _native_loss_sum, native_config
+    from codex_ml.recipes.models import native_config, native_loss_sum
 
     if variant.startswith("ours"):
         from codex_ml.runtime import tune_allocator
@@ -74,7 +74,7 @@ def measure(variant: str, args) -> float:
     native = GPT(native_config(cfg, len(prepared.tokenizer)))  # the same initial weights for every variant
     compile = variant.endswith("compile")
     if variant.startswith("ours"):
-        loss_sum = _native_loss_sum(torch.compile(native) if compile else native)
+        loss_sum = native_loss_sum(torch.compile(native) if compile else native)
         return run_our_loop(native, loss_sum, stream, args.steps, args.warmup, args.batch_size, args.seq_len, args.lr,
                             args.precision, torch.device("cpu"))
     return run_hf_trainer(native_to_hf(native), stream, args, compile)

@@ -51,8 +51,9 @@ class PackedBatches:
     """Shuffled training batches of packed windows; an endless iterator with exact resume."""
 
     def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> None:
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.pin_memory = pin_memory  # page-locked batches: the copy to the GPU runs asynchronously
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_windows = max(0, (len(stream) - 1) // seq_len)
         self.batches_per_epoch = self.num_windows // world_size // batch_size
@@ -79,7 +80,8 @@ class PackedBatches:
         self.batch_index += 1
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index, self._order = self.epoch + 1, 0, None
-        return window_batch(self.stream, windows * self.seq_len, self.seq_len)
+        batch = window_batch(self.stream, windows * self.seq_len, self.seq_len)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,

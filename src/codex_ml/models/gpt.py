@@ -259,8 +259,10 @@ class GPT(nn.Module):
         return kind(self.config, batch_size, max_len or self.config.max_seq_len, p.device, p.dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; ``non_embedding`` leaves out the input embedding table, which is a lookup, not a
+        matmul (unless tied, when the same matrix is the output projection and counts)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and not self.config.tie_embeddings:
             n -= self.embed_tokens.weight.numel()
         return n
 

@@ -85,17 +85,20 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
 # ------------------------------------------------------------------ forward and loss
 
 
-def _native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+def native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
         return module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
     return forward
 
 
-def _native_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
-    """The loss fused with the output projection: no full logits tensor (see models/fused_loss.py)."""
+def native_loss_sum(module: torch.nn.Module, fused: bool = True) -> Callable[[dict], torch.Tensor]:
+    """The loss fused with the output projection: no full logits tensor (see models/fused_loss.py).
+
+    ``fused=False`` computes logits and the loss inside ``module`` (what torch.compile fuses best on GPU).
+    """
     head = unwrapped(module).lm_head
-    if type(head) is not torch.nn.Linear:  # LoRA on the output layer: its weight alone is not the projection
-        forward = _native_forward(module)
+    if not fused or type(head) is not torch.nn.Linear:  # LoRA on the output layer: its weight is not the projection
+        forward = native_forward(module)
         return lambda batch: summed_token_loss(forward(batch), batch["labels"])
 
     def loss_sum(batch: dict) -> torch.Tensor:
@@ -112,16 +115,16 @@ def _hf_kwargs(batch: dict) -> dict:
     return kw
 
 
-def _hf_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+def hf_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
         return module(**_hf_kwargs(batch), use_cache=False).logits
     return forward
 
 
-def _hf_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+def hf_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     inner = unwrapped(module)
     if getattr(inner.config, "model_type", None) not in _FUSABLE:
-        forward = _hf_forward(module)
+        forward = hf_forward(module)
         return lambda batch: summed_token_loss(forward(batch), batch["labels"])
     backbone, head = inner.base_model, inner.get_output_embeddings()
 
@@ -288,11 +291,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log) ->
         max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
         n = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
         describe = f"{config.model_type} from {source['path']} (Hugging Face module)"
-        return ModelBundle(module, describe, int(max_len), _hf_forward, _hf_loss_sum, checkpoint_files, load,
+        return ModelBundle(module, describe, int(max_len), hf_forward, hf_loss_sum, checkpoint_files, load,
                            lambda seq: 6.0 * n, native=None, source=source, supports_packing=False)
     c = native.config
     origin = f"from {source['path']}" if source.get("path") else m.preset
     describe = (f"native {origin} ({c.n_layer} layers, width {c.d_model}, {c.n_head} heads / {c.n_kv_head} kv, "
                 f"vocab {c.vocab_size}, {m.dtype})")
-    return ModelBundle(module, describe, c.max_seq_len, _native_forward, _native_loss_sum, checkpoint_files, load,
+    return ModelBundle(module, describe, c.max_seq_len, native_forward, native_loss_sum, checkpoint_files, load,
                        native.flops_per_token, native=native, source=source)

@@ -26,7 +26,7 @@ from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
 from codex_ml.eval.loss import evaluate_loss
 from codex_ml.models.hf import check_model_dir
-from codex_ml.recipes.models import build_model
+from codex_ml.recipes.models import build_model, native_loss_sum
 from codex_ml.recipes.prepare import PreparedData, cache_root, prepare_data, prepare_sft
 from codex_ml.repro import environment, rng_state, seed_everything, set_deterministic, set_rng_state
 from codex_ml.runs import (
@@ -202,7 +202,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
     if t.compile:
         train_model = torch.compile(model)
     train_model = wrap_ddp(train_model, dist, device)
-    loss_sum = bundle.loss_sum_with(train_model)
+    if t.compile and device.type == "cuda" and bundle.native is not None:
+        # compiled on GPU, logits and cross-entropy fuse inside the graph; the chunked loss is for eager and CPU
+        loss_sum = native_loss_sum(train_model, fused=False)
+    else:
+        loss_sum = bundle.loss_sum_with(train_model)
 
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device.type)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
@@ -221,7 +225,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
     else:
         train_stream = TokenStream(open_split(prepared.directory, "train"))
         val_stream = TokenStream(open_split(prepared.directory, "val"))
-        batches = PackedBatches(train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size)
+        batches = PackedBatches(train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size,
+                                pin_memory=device.type == "cuda")
         val_rows = lambda: eval_batches(val_stream, cfg.data.seq_len, t.batch_size, t.eval_batches, dist.rank,
                                         dist.world_size)
 
