@@ -8,7 +8,7 @@ import torch
 from codex_ml.data.rows import pack_examples, row_batch
 from codex_ml.data.sft import SftEncoder, SftRecordError, check_record, read_records
 from codex_ml.eval.loss import summed_token_loss
-from codex_ml.models.gpt import GPT, GPTConfig
+from codex_ml.models.gpt import GPT, GPTConfig, document_block_mask
 from codex_ml.tokenizer.core import SpecialTokens
 from codex_ml.tokenizer.train import train_tokenizer
 
@@ -69,7 +69,8 @@ def test_failing_chat_template_names_the_record(tok_dir, tmp_path):
         SftEncoder(bad).encode("data.jsonl:3", {"messages": [{"role": "assistant", "content": "x"}]})
 
 
-def test_packed_loss_equals_unpacked_loss(tok_dir):
+@pytest.mark.parametrize("flex", [False, True])
+def test_packed_loss_equals_unpacked_loss(tok_dir, flex):
     enc = SftEncoder(tok_dir)
     records = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x * {i}\n"} for i in range(7)]
     records.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "print('hi')"}]})
@@ -83,13 +84,14 @@ def test_packed_loss_equals_unpacked_loss(tok_dir):
     def total(rows):
         loss, n = 0.0, 0
         for i in range(len(rows)):
-            b = row_batch(rows, torch.tensor([i]).numpy(), native=True)
+            b = row_batch(rows, torch.tensor([i]).numpy(), native=True, flex=flex)
+            mask = document_block_mask(b["segments"]) if flex else b["attn_mask"]
             with torch.no_grad():
-                logits = model(b["input_ids"], position_ids=b["position_ids"], attn_mask=b["attn_mask"])
+                logits = model(b["input_ids"], position_ids=b["position_ids"], attn_mask=mask)
             loss += summed_token_loss(logits, b["labels"]).item()
             n += int((b["labels"] != -100).sum())
         return loss, n
 
-    (lp, np_), (lu, nu) = total(packed), total(single)
+    (lp, np_), (lu, nu) = total(packed), total(single)  # flex packs, the reference is always one per row
     assert np_ == nu
     assert abs(lp / np_ - lu / nu) < 1e-5

@@ -61,6 +61,7 @@ class ModelConfig:
     dtype: str = "fp32"  # the weights' dtype: fp32, bf16, fp16
     device: str = "auto"  # cpu, cuda, cuda:N, auto
     activation_checkpointing: bool = False
+    attention: str = "sdpa"  # packed fine-tuning rows: sdpa (a dense mask) or flex (block-sparse FlexAttention)
 
 
 @dataclass
@@ -282,6 +283,7 @@ def _one_of(value: Any, allowed: tuple, key: str) -> None:
 def validate_model(m: ModelConfig) -> None:
     _one_of(m.kind, MODEL_KINDS, "model.kind")
     _one_of(m.dtype, PRECISIONS, "model.dtype")
+    _one_of(m.attention, ("sdpa", "flex"), "model.attention")
     _require(
         m.device in ("auto", "cpu", "cuda", "mps") or m.device.startswith("cuda:"),
         "model.device", f"must be cpu, cuda, cuda:N or auto; got {m.device!r}",

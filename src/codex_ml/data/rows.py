@@ -77,15 +77,19 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int, pack: bool
     return Rows(input_ids, labels, positions, segments)
 
 
-def row_batch(rows: Rows, index: np.ndarray, native: bool) -> dict[str, torch.Tensor]:
-    """A batch of rows: the native model gets positions and a block-diagonal causal mask; a Hugging
-    Face module gets a padding mask (its rows hold one example each)."""
+def row_batch(rows: Rows, index: np.ndarray, native: bool, flex: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of rows: the native model gets positions and a block-diagonal causal mask (or, with
+    ``flex``, the example ids, from which the model builds a block-sparse FlexAttention mask on its
+    device); a Hugging Face module gets a padding mask (its rows hold one example each)."""
     seg = torch.from_numpy(rows.segments[index]).long()
     batch = {
         "input_ids": torch.from_numpy(rows.input_ids[index]).long(),
         "labels": torch.from_numpy(rows.labels[index]).long(),
     }
-    if native:
+    if native and flex:
+        batch["position_ids"] = torch.from_numpy(rows.position_ids[index]).long()
+        batch["segments"] = seg
+    elif native:
         T = seg.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
@@ -101,8 +105,9 @@ def row_batch(rows: Rows, index: np.ndarray, native: bool) -> dict[str, torch.Te
 class RowBatches:
     """Shuffled batches of rows, a new order each epoch, with the same exact-resume state as the token loader."""
 
-    def __init__(self, rows: Rows, batch_size: int, seed: int, native: bool, rank: int = 0, world_size: int = 1) -> None:
-        self.rows, self.batch_size, self.seed, self.native = rows, batch_size, seed, native
+    def __init__(self, rows: Rows, batch_size: int, seed: int, native: bool, rank: int = 0, world_size: int = 1,
+                 flex: bool = False) -> None:
+        self.rows, self.batch_size, self.seed, self.native, self.flex = rows, batch_size, seed, native, flex
         self.rank, self.world_size = rank, world_size
         self.num_windows = len(rows)
         self.batches_per_epoch = len(rows) // world_size // batch_size
@@ -124,7 +129,7 @@ class RowBatches:
         self.batch_index += 1
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index, self._order = self.epoch + 1, 0, None
-        return row_batch(self.rows, index, self.native)
+        return row_batch(self.rows, index, self.native, self.flex)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
@@ -136,7 +141,8 @@ class RowBatches:
         self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None
 
 
-def eval_row_batches(rows: Rows, batch_size: int, native: bool, max_batches: int = 0) -> Iterator[dict]:
+def eval_row_batches(rows: Rows, batch_size: int, native: bool, max_batches: int = 0,
+                     flex: bool = False) -> Iterator[dict]:
     n = len(rows) if not max_batches else min(len(rows), max_batches * batch_size)
     for start in range(0, n, batch_size):
-        yield row_batch(rows, np.arange(start, min(start + batch_size, n)), native)
+        yield row_batch(rows, np.arange(start, min(start + batch_size, n)), native, flex)

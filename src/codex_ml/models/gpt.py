@@ -138,6 +138,21 @@ class StaticKVCache(KVCache):
         self.slot.add_(n)
 
 
+def document_block_mask(segments: torch.Tensor):
+    """A FlexAttention mask for packed rows: causal within each example (``segments`` ids, -1 padding).
+
+    Padding positions attend to themselves only, so no row of attention is empty.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = segments.shape
+
+    def keep(b, h, q, k):
+        return ((segments[b, q] == segments[b, k]) & (segments[b, k] >= 0) & (k <= q)) | (q == k)
+
+    return create_block_mask(keep, B, None, T, T, device=segments.device)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -156,13 +171,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)
-        # Causal masking without a mask tensor only works when queries and keys line up.
-        is_causal = attn_mask is None and k.shape[2] == T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+            # a FlexAttention BlockMask (packed rows): block-sparse, masked blocks are skipped
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            # Causal masking without a mask tensor only works when queries and keys line up.
+            is_causal = attn_mask is None and k.shape[2] == T
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -230,7 +251,8 @@ class GPT(nn.Module):
         (B, T, d_model) instead, for a loss fused with the output projection (``fused_loss.py``).
 
         position_ids: (B, T) positions, when rows restart (packed examples) or are left-padded;
-        attn_mask: boolean (B, 1, T, S), True where a query may attend to a key;
+        attn_mask: boolean (B, 1, T, S), True where a query may attend to a key, or a FlexAttention
+            BlockMask (``document_block_mask``) for packed rows;
         kv_cache: appends this call's keys and values; positions continue from ``kv_cache.length``.
         """
         B, T = input_ids.shape

@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 from codex_ml.conf.schema import ConfigError, TrainConfig
 from codex_ml.eval.loss import summed_token_loss
 from codex_ml.models.fused_loss import linear_cross_entropy
-from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig
+from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig, document_block_mask
 from codex_ml.training.checkpoint import CheckpointError
 from codex_ml.training.device import DTYPES
 
@@ -85,9 +85,16 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
 # ------------------------------------------------------------------ forward and loss
 
 
+def _attention_mask(batch: dict):
+    """The batch's dense mask, or a FlexAttention mask built on the batch's device from example ids."""
+    if "segments" in batch:
+        return document_block_mask(batch["segments"])
+    return batch.get("attn_mask")
+
+
 def native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
-        return module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
+        return module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=_attention_mask(batch))
     return forward
 
 
@@ -102,7 +109,7 @@ def native_loss_sum(module: torch.nn.Module, fused: bool = True) -> Callable[[di
         return lambda batch: summed_token_loss(forward(batch), batch["labels"])
 
     def loss_sum(batch: dict) -> torch.Tensor:
-        hidden = module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"),
+        hidden = module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=_attention_mask(batch),
                         return_hidden=True)
         return linear_cross_entropy(hidden, head.weight, batch["labels"])
     return loss_sum

@@ -220,8 +220,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         native_rows = bundle.native is not None
         prepared = prepare_sft(cfg.data, tokenizer, run_dir / TOKENIZER_DIR, cfg.data.seq_len,
                                cfg.tokenizer.truncation_side, log=log if dist.is_main else lambda m: None)
-        batches = RowBatches(prepared.train, t.batch_size, t.seed, native_rows, dist.rank, dist.world_size)
-        val_rows = lambda: eval_row_batches(prepared.val, t.batch_size, native_rows, t.eval_batches)
+        flex = native_rows and cfg.model.attention == "flex"
+        batches = RowBatches(prepared.train, t.batch_size, t.seed, native_rows, dist.rank, dist.world_size, flex=flex)
+        val_rows = lambda: eval_row_batches(prepared.val, t.batch_size, native_rows, t.eval_batches, flex=flex)
     else:
         train_stream = TokenStream(open_split(prepared.directory, "train"))
         val_stream = TokenStream(open_split(prepared.directory, "val"))
