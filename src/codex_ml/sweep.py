@@ -13,7 +13,13 @@ def sweep_context() -> tuple[str | None, dict | None]:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None, None
-    sweeper = hc.sweeper.get("_target_", "basic") if hasattr(hc, "sweeper") else "basic"
     info = {"sweep_dir": hc.sweep.dir, "job_num": hc.job.num, "overrides": list(hc.overrides.task),
-            "sweeper": str(sweeper)}
+            "sweeper": sweeper_name(hc.sweeper)}
     return hc.runtime.output_dir, info
+
+
+def sweeper_name(sweeper_config) -> str:
+    """``basic``, ``optuna``, ...: the sweeper plugin's class name without "Sweeper"."""
+    target = str(sweeper_config.get("_target_", "")) if sweeper_config is not None else ""
+    name = target.rsplit(".", 1)[-1].lower().removesuffix("sweeper")
+    return name or "basic"

@@ -149,6 +149,8 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    if cfg.tracking.wandb:
+        require_wandb()  # before anything is written
     existed = run_dir.exists()
     lock = RunLock(run_dir)
     if dist.is_main:
@@ -167,8 +169,6 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, sweep: dict | None) -> dict:
     t = cfg.training
-    if cfg.tracking.wandb:
-        require_wandb()
     ckpt_root = run_dir / CHECKPOINTS_DIR
     if dist.is_main:
         for p in remove_partial(ckpt_root):
@@ -268,7 +268,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         events = EventLog(NdjsonSink(run_dir / METRICS_FILE, truncate_to=metrics_offset))
         trackers = start_trackers(cfg, run_dir, events, env, sweep, current_step=lambda: trainer.state.step, log=log)
 
-    console = ConsoleReporter(resume.step if resume else 0, t.max_steps)
+    console = ConsoleReporter(resume.step if resume else 0, t.max_steps, t.log_every)
 
     def emit(event: dict) -> None:
         if dist.is_main:

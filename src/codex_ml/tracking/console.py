@@ -22,8 +22,9 @@ def _rate(tokens_per_s: float) -> str:
 class ConsoleReporter:
     """Prints training and evaluation events; the bar only on a terminal, the lines always."""
 
-    def __init__(self, start_step: int, max_steps: int, stream=sys.stdout) -> None:
-        self.max_steps, self.stream = max_steps, stream
+    def __init__(self, start_step: int, max_steps: int, log_every: int = 1, stream=sys.stdout) -> None:
+        self.max_steps, self.log_every, self.stream = max_steps, log_every, stream
+        self.losses: list[float] = []  # train losses since the last printed line
         self.start_step, self.start_time = start_step, time.time()
         self.bar = tqdm(total=max_steps, initial=start_step, desc="training", unit="step", disable=None,
                         file=sys.stderr, dynamic_ncols=True)
@@ -41,14 +42,18 @@ class ConsoleReporter:
             step = event["step"]
             self.bar.update(step - self.last_step)
             self.last_step = step
+            self.losses.append(event["train_loss"])
+            if step % self.log_every and step != self.max_steps:
+                return
+            loss, self.losses = sum(self.losses) / len(self.losses), []  # the interval's mean
             done = step - self.start_step
             eta = (time.time() - self.start_time) / done * (self.max_steps - step) if done else 0.0
-            line = (f"step {step}/{self.max_steps} | train_loss {event['train_loss']:.4f} | lr {event['lr']:.2e} | "
+            line = (f"step {step}/{self.max_steps} | train_loss {loss:.4f} | lr {event['lr']:.2e} | "
                     f"grad_norm {event['grad_norm']:.3f} | {_rate(event['tokens_per_s'])} tok/s")
             if "mfu" in event:
                 line += f" | mfu {event['mfu']:.1%}"
             self._print(line + f" | eta {_duration(eta)}")
-            self.bar.set_postfix(loss=f"{event['train_loss']:.3f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         elif kind == "eval":
             parts = [f"{k} {v:.4f}" for k, v in event.items() if k.startswith("val_") and isinstance(v, float)]
             self._print(f"eval at step {event['step']} | " + " | ".join(parts))

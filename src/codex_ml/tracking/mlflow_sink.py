@@ -20,6 +20,7 @@ from codex_ml.tracking.events import finite_metrics
 
 RUN_RECORD = "mlflow_run.json"
 _BATCH = 500  # MLflow accepts up to 1000 metrics per log_batch call
+_GATHER_S = 0.5  # events are sent at most twice a second
 
 
 def default_uri(runs_root: Path) -> str:
@@ -42,12 +43,14 @@ class MlflowSink:
     name = "mlflow"
 
     def __init__(self, uri: str, experiment: str, run_dir: Path, config: dict, tags: dict[str, str],
-                 artifacts_root: Path | None, log_model: bool, warn) -> None:
+                 artifacts_root: Path | None, log_model: bool, warn, run_name: str | None = None) -> None:
         self.uri, self.experiment, self.run_dir = uri, experiment, run_dir
+        self.run_name = run_name or run_dir.name
         self.config, self.tags, self.artifacts_root, self.log_model = config, tags, artifacts_root, log_model
         self.warn = warn
         self.run_id: str | None = None
         self.failed = False
+        self.fail_lock = threading.Lock()
         self.pending: queue.Queue = queue.Queue()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._work, name="codex-ml-mlflow", daemon=True)
@@ -68,11 +71,13 @@ class MlflowSink:
     # -------------------------------------------------- the sink's own thread
 
     def _fail(self, what: str, error: BaseException) -> None:
-        if not self.failed:
+        with self.fail_lock:  # the sink's thread and finish() may both get here; one report
+            if self.failed:
+                return
             self.failed = True
-            reason = f"{error.__class__.__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-            self.warn(f"warning: MLflow tracking failed ({what}: {reason}); "
-                      "it is off for this run, training goes on and metrics.ndjson is complete")
+        reason = f"{error.__class__.__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        self.warn(f"warning: MLflow tracking failed ({what}: {reason}); "
+                  "it is off for this run, training goes on and metrics.ndjson is complete")
         self.ready.set()
 
     def _work(self) -> None:
@@ -85,11 +90,16 @@ class MlflowSink:
             self.ready.set()
         while not self.failed:
             batch = [self.pending.get()]
-            time.sleep(0.5)  # gather what arrives meanwhile into one request
-            while not self.pending.empty() and len(batch) < _BATCH:
-                batch.append(self.pending.get_nowait())
+            # gather what arrives in the next half second into one request; the end of the run (None) goes at once
+            deadline = time.monotonic() + _GATHER_S
+            while batch[-1] is not None and len(batch) < _BATCH:
+                try:
+                    batch.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
             if any(e is None for e in batch):
                 self._send([e for e in batch if e is not None])
+                self._end_run()
                 return
             self._send(batch)
 
@@ -120,7 +130,7 @@ class MlflowSink:
             for key, value in changed.items():
                 self.client.set_tag(self.run_id, f"resumed_with.{key}", value[:5000])
         else:
-            run = self.client.create_run(exp_id, tags=self.tags, run_name=self.run_dir.name)
+            run = self.client.create_run(exp_id, tags=self.tags, run_name=self.run_name)
             self.run_id = run.info.run_id
             record.update({"mlflow_run_id": self.run_id, "mlflow_uri": self.uri, "mlflow_experiment_id": exp_id})
             record_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -144,21 +154,33 @@ class MlflowSink:
         except Exception as e:  # a server gone mid-run: report once, keep training
             self._fail("could not log metrics", e)
 
-    # -------------------------------------------------- at the end of the run
-
-    def finish(self, run_dir: Path, interrupted: bool, final_checkpoint: Path | None, timeout: float = 120.0) -> None:
-        """Send what is left, the artifacts, and the run's final status."""
-        self.pending.put(None)
-        self.thread.join(timeout)
-        if self.failed or self.run_id is None:
+    def _end_run(self) -> None:
+        """The run's small artifacts, on this thread, so that a dead server holds up only this thread."""
+        if self.failed:
             return
         try:
             for name in ("config.yaml", "env.json", "report.html"):
-                if (run_dir / name).exists():
-                    self.client.log_artifact(self.run_id, str(run_dir / name))
+                if (self.run_dir / name).exists():
+                    self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        except Exception as e:  # the store went away at the very end: still only a warning
+            self._fail("could not log artifacts", e)
+
+    # -------------------------------------------------- at the end of the run
+
+    def finish(self, run_dir: Path, interrupted: bool, final_checkpoint: Path | None, timeout: float = 120.0) -> None:
+        """Send what is left (waiting at most ``timeout`` seconds), the checkpoint if asked, and the run's status."""
+        self.pending.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():  # e.g. a server that stopped answering: MLflow's client retries for minutes
+            self._fail(f"the tracking server did not finish within {timeout:.0f} s",
+                       TimeoutError("the run in MLflow may lack its last metrics, artifacts and status"))
+        if self.failed or self.run_id is None:
+            return
+        try:
+            # a large upload may take long: not on a clock, but only to a store that answered until now
             if self.log_model and final_checkpoint is not None and not interrupted:
                 self.client.log_artifacts(self.run_id, str(final_checkpoint),
                                           artifact_path=f"checkpoint/{final_checkpoint.name}")
             self.client.set_terminated(self.run_id, status="KILLED" if interrupted else "FINISHED")
         except Exception as e:  # the store went away at the very end: still only a warning
-            self._fail("could not log artifacts", e)
+            self._fail("could not log the final checkpoint or status", e)

@@ -18,16 +18,34 @@ def warn(message: str) -> None:
 class Trackers:
     """The sinks attached to a run's event log, the system monitor, and what happens at the end."""
 
-    def __init__(self, sinks: list, monitor=None) -> None:
-        self.sinks, self.monitor = sinks, monitor
+    def __init__(self, sinks: list, monitor=None, log: Callable[[str], None] = print) -> None:
+        self.sinks, self.monitor, self.log = sinks, monitor, log
 
     def finish(self, run_dir: Path, interrupted: bool, final_checkpoint: Path | None = None) -> None:
+        """Stop sampling, write ``RUN/report.html`` from metrics.ndjson, then let each sink send what it has left.
+
+        Call it after the event log is flushed. The report comes before the sinks' own ends because
+        MLflow uploads it as an artifact; a report that cannot be written is a warning, like a tracker fault.
+        """
         if self.monitor is not None:
             self.monitor.stop()
+        self._write_report(run_dir)
         for sink in self.sinks:
             finish = getattr(sink, "finish", None)
             if finish is not None:
                 finish(run_dir, interrupted, final_checkpoint)
+
+    def _write_report(self, run_dir: Path) -> None:
+        from codex_ml.errors import CodexError
+        from codex_ml.tracking.report import write_report
+
+        try:
+            self.log(f"report: {write_report(run_dir)}")
+        except CodexError as e:  # e.g. stopped before the first logged step: nothing to plot yet
+            self.log(f"no report: {e}")
+        except Exception as e:  # the report is a view of metrics.ndjson; never fail a finished run over it
+            warn(f"warning: could not write {run_dir / 'report.html'} ({e.__class__.__name__}: {e}); "
+                 f"`codex-ml report run_dir={run_dir}` retries it")
 
 
 def mlflow_location(cfg, run_dir: Path) -> tuple[str, Path | None]:
@@ -56,10 +74,13 @@ def start_trackers(cfg, run_dir: Path, events: EventLog, env: dict, sweep: dict 
         uri, artifacts = mlflow_location(cfg, run_dir)
         tags = {"codex_ml.version": codex_ml.__version__, "codex_ml.run_dir": str(run_dir),
                 "git_commit": str(env.get("git_commit")), "workdir_git_commit": str(env.get("workdir_git", {}).get("commit"))}
+        run_name = run_dir.name
         if sweep:
-            tags.update({"sweep": str(sweep["sweep_dir"]), "sweep.job": str(sweep["job_num"]),
+            sweep_dir = Path(sweep["sweep_dir"]).resolve()
+            tags.update({"sweep": str(sweep_dir), "sweep.job": str(sweep["job_num"]), "sweep.sweeper": sweep["sweeper"],
                          "sweep.overrides": " ".join(sweep["overrides"])[:5000]})
-        sinks.append(MlflowSink(uri, t.experiment, run_dir, config, tags, artifacts, t.log_model, warn))
+            run_name = f"{sweep_dir.name}-{sweep['job_num']}"
+        sinks.append(MlflowSink(uri, t.experiment, run_dir, config, tags, artifacts, t.log_model, warn, run_name))
         log(f"tracking: MLflow at {uri}")
     if t.tensorboard:
         sinks.append(_started("tensorboard", lambda: _tensorboard(run_dir)))
@@ -71,7 +92,7 @@ def start_trackers(cfg, run_dir: Path, events: EventLog, env: dict, sweep: dict 
     from codex_ml.tracking.system import SystemMonitor
 
     monitor = SystemMonitor(t.system_every_s, events.log, current_step, log)
-    return Trackers(sinks, monitor)
+    return Trackers(sinks, monitor, log)
 
 
 def _started(name: str, build):

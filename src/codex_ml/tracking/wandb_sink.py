@@ -12,10 +12,10 @@ INSTALL = "pip install 'codex-ml[wandb]'"
 
 def require_wandb() -> None:
     """Called before training starts: asking for W&B without the package is an error, not a no-op."""
-    import importlib.util
-
-    if importlib.util.find_spec("wandb") is None:
-        raise CodexError(f"tracking.wandb=true needs the wandb package: {INSTALL}")
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        raise CodexError(f"tracking.wandb=true needs the wandb package: {INSTALL}") from e
 
 
 class WandbSink:

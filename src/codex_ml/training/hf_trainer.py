@@ -122,7 +122,7 @@ def run_hf_trainer(
         args = TrainingArguments(
             output_dir=out, max_steps=remaining, per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=settings.grad_accum, max_grad_norm=settings.grad_clip or 0.0,
-            logging_steps=settings.log_every, save_strategy="no", eval_strategy="no", report_to=[],
+            logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],  # an event per step, as ours
             seed=seed, data_seed=seed, bf16=precision == "bf16", fp16=precision == "fp16",
             use_cpu=device.type == "cpu", dataloader_num_workers=0, disable_tqdm=True, ignore_data_skip=True,
             remove_unused_columns=False,

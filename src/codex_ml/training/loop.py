@@ -42,9 +42,7 @@ class LoopState:
     evals_without_improvement: int = 0
     last_metrics: dict = field(default_factory=dict)  # of the latest evaluation
     last_eval_step: int = -1
-    interval_loss: float = 0.0  # summed over the steps since the last log line
-    interval_steps: int = 0
-    interval_tokens: int = 0
+    pending: list = field(default_factory=list)  # per-step records read back but not yet logged
     stopped_early: bool = False
 
 
@@ -148,37 +146,39 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> LoopState:
+        """Train to ``max_steps``. Every step gets its own ``train`` event, but the values stay on the
+        device and are read back in one synchronisation per ``log_every`` steps (and at checkpoints)."""
         st, s = self.state, self.s
         self.model.train()
         interval_start = time.perf_counter()
-        interval_loss = torch.tensor(st.interval_loss, device=self.device, dtype=torch.float64)
-        interval_tokens = torch.tensor(st.interval_tokens, device=self.device, dtype=torch.int64)
+        on_device: list[tuple] = []  # (step, loss, grad norm, lr, target tokens) not yet read back
+
+        def read_back() -> None:
+            if on_device:
+                values = torch.stack([torch.stack([loss.double(), norm.double(), n.double()])
+                                      for _, loss, norm, _, n in on_device]).tolist()
+                for (step, _, _, lr, _), (loss, norm, n) in zip(on_device, values):
+                    st.pending.append({"step": step, "train_loss": loss, "grad_norm": norm, "lr": lr, "tokens": int(n)})
+                on_device.clear()
+
         while st.step < s.max_steps:
             loss, grad_norm, n_tokens, lr = self._train_step()
             st.step += 1
-            interval_loss += loss.double()
-            interval_tokens += n_tokens
-            st.interval_steps += 1
+            on_device.append((st.step, loss, grad_norm, lr, n_tokens))
 
             if st.step % s.log_every == 0 or st.step == s.max_steps:
-                # The only host synchronisation of the hot loop, once per log interval.
+                read_back()  # the hot loop's only host synchronisation
                 elapsed = time.perf_counter() - interval_start
-                mean_loss = interval_loss.item() / st.interval_steps
-                tokens = int(interval_tokens.item())
-                st.tokens += tokens
-                event = {
-                    "event": "train", "step": st.step, "train_loss": mean_loss,
-                    "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens": st.tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                }
-                if s.peak_flops and s.flops_per_token:
-                    event["mfu"] = event["tokens_per_s"] * s.flops_per_token / s.peak_flops
-                if not math.isfinite(mean_loss):
-                    event["nonfinite_loss"] = True
-                self.emit(event)
-                interval_loss.zero_()
-                interval_tokens.zero_()
-                st.interval_steps = 0
+                tokens_per_s = sum(p["tokens"] for p in st.pending) / max(elapsed, 1e-9)
+                for record in st.pending:
+                    st.tokens += record["tokens"]
+                    event = {"event": "train", **record, "tokens": st.tokens, "tokens_per_s": tokens_per_s}
+                    if s.peak_flops and s.flops_per_token:
+                        event["mfu"] = tokens_per_s * s.flops_per_token / s.peak_flops
+                    if not math.isfinite(record["train_loss"]):
+                        event["nonfinite_loss"] = True
+                    self.emit(event)
+                st.pending = []
                 interval_start = time.perf_counter()
 
             final = st.step == s.max_steps
@@ -186,7 +186,7 @@ class Trainer:
                 self._evaluate()
             stopping = self.stop.signal is not None or st.stopped_early
             if st.step % s.checkpoint_every == 0 or final or stopping:
-                st.interval_loss, st.interval_tokens = interval_loss.item(), int(interval_tokens.item())
+                read_back()  # unlogged steps go into the checkpoint, so a resumed run logs them too
                 self.save(st)
             if stopping:
                 break
