@@ -57,6 +57,25 @@ def test_fast_path_gives_the_same_greedy_tokens(model):
     assert [[c.token_ids for c in g] for g in plain] == [[c.token_ids for c in g] for g in fast]
 
 
+def test_fast_path_follows_new_prompt_lengths_and_new_weights():
+    # the compiled step is reused across calls: it must not keep stale shapes or weights
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=300)).eval()
+    tok = IdTokenizer()
+    greedy, fast = SamplingSettings(max_new_tokens=8, temperature=0), SamplingSettings(max_new_tokens=8, temperature=0,
+                                                                                         compile=True)
+    for prompt in ["5", "5 6 7 8 9 10 11 12 13"]:
+        assert generate(m, tok, [prompt], fast)[0][0].token_ids == generate(m, tok, [prompt], greedy)[0][0].token_ids
+    before = generate(m, tok, ["5 6"], fast)[0][0].token_ids
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = generate(m, tok, ["5 6"], fast)[0][0].token_ids
+    assert after == generate(m, tok, ["5 6"], greedy)[0][0].token_ids
+    assert after != before
+    assert all(b.self_attn.fused_qkv is None for b in m.layers)  # no inference copies left behind
+
+
 def test_hf_generate_path_matches_ours(model):
     tok = IdTokenizer()
     hf = native_to_hf(model, eos_token_id=0, pad_token_id=1).eval()

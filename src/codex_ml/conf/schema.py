@@ -199,6 +199,7 @@ class GenerateConfig:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     device: str = "auto"
+    compile: bool = False  # native models: a static KV cache and a compiled decoding step (CUDA graphs on GPU)
 
 
 @dataclass
@@ -240,6 +241,7 @@ class EvaluateConfig:
     timeout: float = 3.0
     workers: int = 0
     seed: int = 0
+    compile: bool = False  # native models: sample with a static KV cache and a compiled decoding step
     ci: float = 0.95  # bootstrap confidence level for per-sample metrics; 0 turns it off
 
 

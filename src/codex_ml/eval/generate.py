@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from codex_ml.models.gpt import GPT
 
@@ -59,7 +60,7 @@ def _first_stop(text: str, stops: list[str]) -> int:
     return min(cuts) if cuts else -1
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str] | list[list[int]],
              s: SamplingSettings) -> list[list[Completion]]:
     """``s.n`` completions of each prompt (text, or token ids), in order: our KV-cache decoder for the native model,
@@ -147,17 +148,30 @@ def _decode_step(model: GPT):
     """The one-token decoding step, compiled once per model (CUDA graphs on GPU)."""
     step = getattr(model, "_codex_ml_decode_step", None)
     if step is None:
-        def decode(tok, pos, mask, cache):
+        def decode(tok, pos, key_valid, cols, cache):
+            # keys written so far (this step's included), as far as each row may see them
+            mask = (key_valid & (cols <= cache.slot))[:, None, None, :]
             return model(tok, position_ids=pos, attn_mask=mask, kv_cache=cache)[:, -1]
-        mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
-        step = torch.compile(decode, mode=mode, dynamic=False)
+        if model.lm_head.weight.is_cuda:
+            step = torch.compile(decode, mode="reduce-overhead", dynamic=False)  # CUDA graphs
+        else:
+            # a C++ wrapper around the kernels: on CPU, per-step Python overhead is most of decoding
+            step = torch.compile(decode, dynamic=False, options={"cpp_wrapper": True})
         model._codex_ml_decode_step = step
     return step
 
 
 def _generate_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings) -> list[list[Completion]]:
     device = model.lm_head.weight.device
-    model.eval()
+    was_training = model.training
+    model.fuse_for_inference()
+    try:
+        return _sample_native(model, tokenizer, prompts, s, device)
+    finally:
+        model.unfuse().train(was_training)
+
+
+def _sample_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings, device) -> list[list[Completion]]:
     encoded = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
     rows = [(ids or [tokenizer.eos_id]) for ids in encoded for _ in range(s.n)]  # empty: start after a document
     if not rows:
@@ -219,12 +233,17 @@ def _decode_dynamic(model, input_ids, positions, key_valid, padded, max_new, s, 
         next_pos = next_pos + 1
 
 
+_CACHE_BUCKET = 128
+
+
 def _decode_static(model, input_ids, positions, key_valid, max_new, s, generator, track) -> None:
     """Compiled decoding: fixed shapes (a static cache spanning every position, all rows kept to the
     end), so one compiled step, or one CUDA graph, serves every token."""
     B, longest = input_ids.shape
     device = input_ids.device
-    total = longest + max_new
+    # round the cache up, so prompts of other lengths reuse the compiled step instead of recompiling
+    total = min(model.config.max_seq_len, -(-(longest + max_new) // _CACHE_BUCKET) * _CACHE_BUCKET)
+    key_valid = F.pad(key_valid, (0, total - key_valid.shape[1]), value=False)
     cache = model.new_kv_cache(B, total, static=True)
     cols = torch.arange(total, device=device)
     causal = cols[None, :] <= torch.arange(longest, device=device)[:, None]  # (longest, total)
@@ -238,6 +257,5 @@ def _decode_static(model, input_ids, positions, key_valid, max_new, s, generator
         track.observe(rows, tok.tolist())
         if step == max_new - 1 or all(track.done):
             break
-        mask = (key_valid & (cols <= longest + step))[:, None, None, :]
-        logits = step_fn(tok[:, None], next_pos, mask, cache)
+        logits = step_fn(tok[:, None], next_pos, key_valid, cols, cache)
         next_pos = next_pos + 1

@@ -60,11 +60,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as Llama does, so bf16 runs match the reference implementation.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in fp32 and scale after casting back, as Llama does, so bf16 runs match it too.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,12 +159,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
+        self.fused_qkv: torch.Tensor | None = None  # set by GPT.fuse_for_inference: one matmul instead of three
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.fused_qkv is not None and not self.training:
+            q, k, v = F.linear(x, self.fused_qkv).split(
+                [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)
@@ -193,9 +196,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.fused_gate_up: torch.Tensor | None = None  # set by GPT.fuse_for_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is not None and not self.training:
+            gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -274,6 +282,28 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def fuse_for_inference(self) -> GPT:
+        """Concatenate the q/k/v and gate/up weights so decoding runs one matmul for each group: the
+        per-call overhead dominates when there is one token per row. Used in eval mode only, and
+        dropped by ``train()``, so training never sees stale copies."""
+        with torch.no_grad():
+            for block in self.layers:
+                a, m = block.self_attn, block.mlp
+                a.fused_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+                m.fused_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
+        return self.eval()
+
+    def unfuse(self) -> GPT:
+        """Drop the copies made by ``fuse_for_inference``, so later weight updates cannot go unseen."""
+        for block in self.layers:
+            block.self_attn.fused_qkv = block.mlp.fused_gate_up = None
+        return self
+
+    def train(self, mode: bool = True) -> GPT:
+        if mode:
+            self.unfuse()
+        return super().train(mode)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         p = self.lm_head.weight

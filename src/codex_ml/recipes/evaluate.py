@@ -100,7 +100,8 @@ def humaneval_task(cfg: EvaluateConfig, model, tokenizer: CodeTokenizer, run_dir
     context = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", 2048)
     room = max(1, context - cfg.max_new_tokens)
     settings = SamplingSettings(max_new_tokens=min(cfg.max_new_tokens, context - 1), temperature=cfg.temperature,
-                                top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(STOP_SEQUENCES))
+                                top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(STOP_SEQUENCES),
+                                compile=cfg.compile)
     samples, cut = [], 0
     per_batch = max(1, cfg.batch_size // cfg.n)
     for start in tqdm(range(0, len(task_ids), per_batch), desc="sampling", unit="batch", disable=None):

@@ -18,7 +18,8 @@ def generate_command(cfg: GenerateConfig) -> None:
     model, tokenizer, ckpt = load_run_model(Path(cfg.run_dir), cfg.checkpoint, device)
     print(f"# {ckpt}", file=sys.stderr)
     settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(cfg.stop))
+                                top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(cfg.stop),
+                                compile=cfg.compile)
     prompt = cfg.prompt
     if cfg.suffix is not None:
         # infilling: the model writes the middle between prompt and suffix (fill-in-the-middle, PSM)
