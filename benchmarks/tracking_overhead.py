@@ -53,10 +53,12 @@ def cli(args: list[str], log: Path) -> None:
         sys.exit(f"codex-ml {' '.join(args)} failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
 
 
-def interval_rates(run_dir: Path, warmup: int) -> list[float]:
-    """Tokens/s of each logging interval after ``warmup`` steps, by the wall clock between its two events."""
+def interval_rates(run_dir: Path, warmup: int, log_every: int) -> list[float]:
+    """Tokens/s of each logging interval after ``warmup`` steps, by the wall clock between the events
+    that close two intervals (every step has its event, but a whole interval's are written together
+    when the loop reads them back, so only each interval's last step marks the clock)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.ndjson").read_text().splitlines()]
-    train = [r for r in rows if r.get("event") == "train" and r["step"] >= warmup]
+    train = [r for r in rows if r.get("event") == "train" and r["step"] >= warmup and r["step"] % log_every == 0]
     if len(train) < 2:
         sys.exit(f"{run_dir}: fewer than two logged steps after the warm-up of {warmup} steps")
     return [(b["tokens"] - a["tokens"]) / (b["time"] - a["time"]) for a, b in zip(train, train[1:])]
@@ -94,7 +96,7 @@ def main() -> None:
             for variant in (names if i % 2 == 0 else names[::-1]):  # ABBA: drift in machine load cancels out
                 run_dir = work / "runs" / f"{variant.replace(' ', '-')}-{i}"
                 cli(["train", *train_args(args, run_dir), *VARIANTS[variant]], work / f"{run_dir.name}.log")
-                rates = interval_rates(run_dir, args.warmup)
+                rates = interval_rates(run_dir, args.warmup, args.log_every)
                 results[variant] += rates
                 pair[variant] = statistics.median(rates)
             pair_ratios.append(pair["all sinks"] / pair["ndjson only"])

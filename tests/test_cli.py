@@ -27,6 +27,7 @@ def test_config_prints_the_resolved_config_with_overrides():
     (["model=no_such_model"], "allowed: base, hf, large, small, tiny"),
     (["data.source=nope"], "data.source: must be one of"),
     (["tokenizer.kind=wordpiece"], "tokenizer.kind"),
+    (["model.attention=flex", "model.device=cpu"], "model.attention: flex trains on CUDA GPUs only"),
 ])
 def test_bad_values_fail_fast_with_one_line(args, needle, tmp_path):
     out = run_cli("train", *args, check=False, cwd=tmp_path, timeout=60)

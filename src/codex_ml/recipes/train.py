@@ -151,6 +151,9 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
         device = torch.device("cuda", dist.local_rank)
     if cfg.tracking.wandb:
         require_wandb()  # before anything is written
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise ConfigError("model.attention", "flex trains on CUDA GPUs only (FlexAttention has no backward pass on "
+                                             f"{device.type} in torch {torch.__version__}); use model.attention=sdpa")
     existed = run_dir.exists()
     lock = RunLock(run_dir)
     if dist.is_main:
