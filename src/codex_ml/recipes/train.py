@@ -179,7 +179,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
     resume = latest_complete_checkpoint(ckpt_root)
     if resume is not None:
         verify_checkpoint(resume.path)  # refuses a corrupted checkpoint, naming the file
-    log(f"run folder: {run_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
+    if dist.is_main:
+        log(f"run folder: {run_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
 
     set_deterministic(t.deterministic)
     seed_everything(t.seed + dist.rank)
