@@ -97,13 +97,10 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _memory_gb() -> float | None:
-    try:
-        import psutil
+def _memory_gb() -> float:
+    import psutil
 
-        return round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        return None
+    return round(psutil.virtual_memory().total / 2**30, 1)
 
 
 def environment() -> dict:

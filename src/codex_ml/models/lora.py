@@ -31,13 +31,9 @@ def require_peft():
 
 def adaptable_modules(model: torch.nn.Module) -> set[str]:
     """Last name components of the layers PEFT's LoRA can wrap (Linear, and GPT-2's Conv1D)."""
-    kinds = (torch.nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D
 
-        kinds = (torch.nn.Linear, Conv1D)
-    except ImportError:
-        pass
+    kinds = (torch.nn.Linear, Conv1D)
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, kinds) and name}
 
 
