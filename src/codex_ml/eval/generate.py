@@ -164,7 +164,11 @@ def _decode_step(model: GPT):
 def _generate_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings) -> list[list[Completion]]:
     device = model.lm_head.weight.device
     was_training = model.training
-    model.fuse_for_inference()
+    model.eval()
+    if device.type == "cpu":
+        # one matmul instead of three (q/k/v) and two (gate/up): on CPU each op's overhead counts; under
+        # CUDA graphs launches cost nothing and fresh weight copies would be new graph inputs every call
+        model.fuse_for_inference()
     try:
         return _sample_native(model, tokenizer, prompts, s, device)
     finally:
