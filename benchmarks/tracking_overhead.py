@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import machine_line
 
 VARIANTS = {
     "all sinks": ["tracking.mlflow=true", "tracking.tensorboard=true", "tracking.system_every_s=1"],
@@ -78,7 +78,6 @@ def main() -> None:
         args.steps, args.warmup, args.batch_size, args.seq_len, args.log_every, args.repeats = 12, 4, 8, 64, 2, 1
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import torch
 
     with tempfile.TemporaryDirectory(prefix="tracking-overhead-") as tmp:
         work = Path(tmp)
@@ -86,8 +85,7 @@ def main() -> None:
         cli(["prepare", *train_args(args, work / "prepare")], work / "prepare.log")
         print(f"model: tiny preset; batch {args.batch_size} x {args.seq_len} tokens; {args.steps} steps, the first "
               f"{args.warmup} left out; each run its own process; {args.repeats} interleaved repeat(s) of each variant")
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-              f"{time.strftime('%Y-%m-%d')}")
+        print(machine_line())
         results: dict[str, list[float]] = {v: [] for v in VARIANTS}
         pair_ratios = []
         names = list(VARIANTS)

@@ -1,6 +1,7 @@
 """The benchmarks run on CPU at tiny shapes (``--smoke``): each prints its table and a parsable
 ``ratio:`` line, so they are ready to run on a GPU machine with one command."""
 
+import functools
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@functools.cache  # one smoke run per script, however many tests read it
 def run_smoke(script: str) -> str:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], cwd=BENCHMARKS, env=env,

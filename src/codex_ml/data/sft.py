@@ -9,11 +9,11 @@ is trained to predict it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from codex_ml.data.sources import jsonl_files, jsonl_records
 from codex_ml.errors import CodexError
 
 
@@ -30,26 +30,9 @@ class Example:
 
 def read_records(paths: list[str]) -> Iterator[tuple[str, dict]]:
     """(``file:line``, record) for every JSON line of every file (folders: their ``*.jsonl``)."""
-    for given in paths:
-        p = Path(given).expanduser()
-        if not p.exists():
-            raise SftRecordError(f"data path {given} does not exist")
-        files = [p] if p.is_file() else sorted(p.rglob("*.jsonl"))
-        if not files:
-            raise SftRecordError(f"data path {given} holds no .jsonl files")
-        for f in files:
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{f}:{lineno}"
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise SftRecordError(f"{where}: not valid JSON ({e.msg})") from None
-                    if not isinstance(record, dict):
-                        raise SftRecordError(f"{where}: a record must be a JSON object")
-                    yield where, record
+    for f in jsonl_files(paths, SftRecordError):
+        for where, _, record in jsonl_records(f, SftRecordError):
+            yield where, record
 
 
 def check_record(where: str, record: dict) -> str:

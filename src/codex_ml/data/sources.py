@@ -25,6 +25,38 @@ class DataSourceError(CodexError):
     """A data source that cannot be read (missing path, malformed record)."""
 
 
+def jsonl_files(paths: list[str], error: type[CodexError]) -> list[Path]:
+    """The JSONL files named by ``paths`` (a folder: every ``*.jsonl`` under it); ``error`` for a path
+    that does not exist or holds none."""
+    files = []
+    for given in paths:
+        p = Path(given).expanduser()
+        if not p.exists():
+            raise error(f"data path {given} does not exist")
+        found = [p] if p.is_file() else sorted(p.rglob("*.jsonl"))
+        if not found:
+            raise error(f"data path {given} holds no .jsonl files")
+        files += found
+    return files
+
+
+def jsonl_records(path: Path, error: type[CodexError]) -> Iterator[tuple[str, int, dict]]:
+    """(``file:line``, line number, record) for every non-blank line; ``error`` naming the line for one
+    that is not a JSON object."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise error(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise error(f"{where}: a record must be a JSON object")
+            yield where, lineno, record
+
+
 @dataclass
 class RawDocument:
     id: str  # stable across machines: relative path, or file:line, or a record's id field
@@ -108,15 +140,7 @@ class JsonlSource:
     """One document per JSON line, its text under ``text_field``."""
 
     def __init__(self, paths: list[str], text_field: str, id_field: str | None) -> None:
-        self.files = []
-        for given in paths:
-            p = Path(given).expanduser()
-            if not p.exists():
-                raise DataSourceError(f"data path {given} does not exist")
-            found = [p] if p.is_file() else sorted(p.rglob("*.jsonl"))
-            if not found:
-                raise DataSourceError(f"data path {given} holds no .jsonl files")
-            self.files += [(f.name, f) for f in found]
+        self.files = [(f.name, f) for f in jsonl_files(paths, DataSourceError)]
         self.text_field, self.id_field = text_field, id_field
         self.description = f"jsonl {', '.join(paths)}"
 
@@ -125,22 +149,14 @@ class JsonlSource:
 
     def __iter__(self) -> Iterator[RawDocument | ReadFailure]:
         for name, path in self.files:
-            with open(path, "rb") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{lineno}"
-                    try:
-                        record = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        raise DataSourceError(f"{where}: not a JSON object ({e})") from None
-                    if not isinstance(record, dict) or self.text_field not in record:
-                        raise DataSourceError(f"{where}: record has no field {self.text_field!r} (data.text_field)")
-                    text = record[self.text_field]
-                    if not isinstance(text, str):
-                        raise DataSourceError(f"{where}: field {self.text_field!r} is not a string")
-                    doc_id = str(record[self.id_field]) if self.id_field and self.id_field in record else f"{name}:{lineno}"
-                    yield RawDocument(doc_id, text, len(text.encode("utf-8", "surrogatepass")))
+            for where, lineno, record in jsonl_records(path, DataSourceError):
+                if self.text_field not in record:
+                    raise DataSourceError(f"{where}: record has no field {self.text_field!r} (data.text_field)")
+                text = record[self.text_field]
+                if not isinstance(text, str):
+                    raise DataSourceError(f"{where}: field {self.text_field!r} is not a string")
+                doc_id = str(record[self.id_field]) if self.id_field and self.id_field in record else f"{name}:{lineno}"
+                yield RawDocument(doc_id, text, len(text.encode("utf-8", "surrogatepass")))
 
 
 class HFDiskSource:
