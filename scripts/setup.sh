@@ -34,7 +34,8 @@ if ! command -v bwrap >/dev/null 2>&1; then
   fi
 fi
 if [[ $dev == 1 ]]; then
-  # Headless Chromium renders the HTML reports in the tracking tests.
+  # Debian's Chromium renders the HTML reports in the tracking tests, driven by Playwright (the dev extra)
+  # through executable_path: never `playwright install`, no browser is downloaded.
   if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
       || echo "warning: could not install chromium; the report rendering tests will fail" >&2

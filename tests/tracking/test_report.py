@@ -3,109 +3,93 @@
 import json
 import re
 import shutil
-import socket
 import subprocess
-import tempfile
-import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
+from playwright.sync_api import Browser, Error, Route, sync_playwright
 
 from codex_ml.errors import CodexError
 from codex_ml.tracking.report import compare_runs, write_report
 from helpers import run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-class Proxy:
-    """A TCP listener on loopback that records the first line of every connection and drops it: Chromium's proxy."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.requests: list[str] = []  # "CONNECT host:443 HTTP/1.1" or "GET http://host/path HTTP/1.1"
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    self.requests.append(conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace"))
-                except OSError as e:
-                    self.requests.append(f"unreadable: {e}")
-
-    def hosts(self) -> list[str]:
-        return [(urlsplit(r.split()[1]).hostname if r.startswith("GET ") else r.split()[1].rsplit(":", 1)[0])
-                if len(r.split()) > 1 else r for r in self.requests]
-
-    def close(self) -> None:
-        self.sock.close()
+LOCAL = ("file:", "data:")  # all a self-contained page may load; anything else is the network
 
 
 @dataclass
 class Rendered:
-    dom: str
-    page_requests: list[str]  # URLs the page itself asked for
-    unexplained: list[str]  # hosts the proxy saw that are not Chromium's own housekeeping
+    dom: str  # the DOM after rendering, serialised
+    requests: list[str]  # every URL the page (its frames, scripts, styles) asked for, besides the page itself
+    remote: list[str]  # those of them, and WebSockets, that would have left the machine: recorded, then refused
+    drawn_plots: int  # <figure class="plot"> elements whose chart Chromium laid out with a visible line
 
 
-def render(page: Path) -> Rendered:
-    """Render ``page`` in headless Chromium with every request sent to a proxy that answers none.
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """The system's Chromium (Debian's, whatever version it serves), driven by Playwright; never a downloaded one.
 
-    Chromium itself talks to Google at start-up (network time, account list, search preconnects),
-    so a connection alone proves nothing: Chromium's network log tells the page's requests (their
-    initiator is the page's origin) from the browser's own (initiator "not an origin").
+    Only the basic protocol is used (launch, new page, go to a file URI, request events, evaluate), which
+    Playwright drives across Chromium releases; if it cannot, the tests fail and say which versions met.
     """
     if CHROMIUM is None:
         pytest.fail("Debian's chromium is needed to render the reports: apt-get install chromium (scripts/setup.sh --dev)")
-    proxy = Proxy()
-    scratch = Path(tempfile.mkdtemp(prefix="chromium-"))
-    netlog = scratch / "netlog.json"
+    with sync_playwright() as playwright:
+        try:
+            # The page's requests are told from Chromium's own by the request events, not by this dead proxy: it
+            # only keeps the browser's housekeeping (component updates, network time) off the network.
+            launched = playwright.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"])
+        except Error as e:
+            pytest.fail(f"Playwright {version('playwright')} cannot drive {CHROMIUM} ({_chromium_version()}): {e}")
+        yield launched
+        launched.close()
+
+
+def _chromium_version() -> str:
+    out = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or out.stderr.strip()[-200:]
+
+
+def render(browser: Browser, page: Path) -> Rendered:
+    """Open ``page`` in a fresh browser context, record every request it makes, and refuse the remote ones.
+
+    The request events come from the page's own frames, so Chromium's background traffic never appears in them.
+    """
+    context = browser.new_context()
+    requests: list[str] = []
+    remote: list[str] = []
+
+    def route(r: Route) -> None:
+        if r.request.url.startswith(LOCAL):
+            r.continue_()
+        else:
+            remote.append(r.request.url)
+            r.abort()
+
     try:
-        out = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={scratch / 'profile'}",
-             "--disable-features=NetworkTimeServiceQuerying",  # fewer of Chromium's own requests; the log tells the rest
-             # every request, loopback included, goes to the recording proxy
-             f"--proxy-server=http://127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>",
-             f"--log-net-log={netlog}", "--virtual-time-budget=3000", "--dump-dom", page.as_uri()],
-            capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0 and "</html>" in out.stdout, out.stderr[-2000:]
-        page_requests, browser_hosts = _requests_in_netlog(netlog)
+        context.on("request", lambda request: requests.append(request.url))
+        context.route("**/*", route)
+        tab = context.new_page()
+        tab.on("websocket", lambda ws: remote.append(ws.url))  # WebSockets bypass routing: recorded here
+        tab.goto(page.as_uri(), wait_until="load", timeout=60_000)
+        tab.wait_for_load_state("networkidle", timeout=60_000)  # a script's late fetch is in the record too
+        dom = tab.content()
+        drawn = tab.evaluate("""() => [...document.querySelectorAll('figure.plot')].filter(figure => {
+            const chart = figure.querySelector('svg'), line = figure.querySelector('svg path.series');
+            const box = chart && chart.getBoundingClientRect();
+            return box && box.width > 0 && box.height > 0 && line && line.getTotalLength() > 0;
+        }).length""")
+    except Error as e:
+        pytest.fail(f"Playwright {version('playwright')} could not render {page} in {CHROMIUM} "
+                    f"({browser.version}): {e}")
     finally:
-        proxy.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    return Rendered(out.stdout, page_requests, [h for h in proxy.hosts() if h not in browser_hosts])
-
-
-def _requests_in_netlog(path: Path) -> tuple[list[str], set[str]]:
-    """(URLs requested by the page, hosts Chromium contacted on its own) from a --log-net-log file."""
-    text = path.read_text()
-    try:
-        log = json.loads(text)
-    except json.JSONDecodeError:  # a log cut at exit lacks its closing brackets
-        log = json.loads(text.rstrip().rstrip(",") + "]}")
-    names = {v: k for k, v in log["constants"]["logEventTypes"].items()}
-    page, browser = [], set()
-    for event in log["events"]:
-        params, kind = event.get("params") or {}, names.get(event["type"])
-        if kind == "URL_REQUEST_START_JOB" and params.get("url", "").startswith(("http:", "https:", "ws:", "wss:")):
-            if params.get("initiator") == "not an origin":
-                browser.add(urlsplit(params["url"]).hostname)
-            else:
-                page.append(params["url"])
-        elif kind == "HTTP_STREAM_JOB_CONTROLLER" and params.get("is_preconnect"):
-            browser.add(urlsplit(params["url"]).hostname)  # the browser warming up its search engine
-    return page, browser
+        context.close()
+    return Rendered(dom, [u for u in requests if u != page.as_uri()], remote, drawn)
 
 
 def rendered_plots(dom: str) -> int:
@@ -117,28 +101,35 @@ def plots_in_source(page: Path) -> int:
     return page.read_text().count('<figure class="plot">')
 
 
-def test_the_network_check_catches_a_page_that_loads_from_the_network(tmp_path):
+def test_the_network_check_catches_a_page_that_loads_from_the_network(browser, tmp_path):
     page = tmp_path / "remote.html"
-    page.write_text('<!DOCTYPE html><html><head><link rel="stylesheet" href="https://cdn.example.com/style.css"></head>'
-                    '<body><img src="http://example.com/logo.png"></body></html>')
-    r = render(page)
-    assert sorted(r.page_requests) == ["http://example.com/logo.png", "https://cdn.example.com/style.css"]
-    assert sorted(r.unexplained) == ["cdn.example.com", "example.com"]  # and they did reach the proxy
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="stylesheet" href="https://cdn.example.invalid/style.css">'
+        '<script src="http://js.example.invalid/app.js"></script></head><body><img src="http://example.invalid/logo.png">'
+        '<iframe srcdoc="<img src=https://frame.example.invalid/pixel.gif>"></iframe>'
+        '<script>fetch("https://api.example.invalid/beacon"); new WebSocket("wss://ws.example.invalid/live");</script>'
+        '</body></html>')
+    r = render(browser, page)
+    fetched = ["http://example.invalid/logo.png", "http://js.example.invalid/app.js", "https://api.example.invalid/beacon",
+               "https://cdn.example.invalid/style.css", "https://frame.example.invalid/pixel.gif"]
+    assert sorted(r.requests) == fetched
+    assert sorted(r.remote) == sorted([*fetched, "wss://ws.example.invalid/live"])
+    assert "<iframe" in r.dom and r.drawn_plots == 0
 
 
-def test_report_written_by_training_renders_offline(tracked_run):
+def test_report_written_by_training_renders_offline(browser, tracked_run):
     page = tracked_run.path / "report.html"
     html = page.read_text()
     for title in ("Loss", "Learning rate", "Throughput", "Gradient norm", "System: utilisation", "System: memory"):
         assert f"<title>{title}</title>" in html, title
     assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "<summary>packages (" in html and "<summary>config.yaml</summary>" in html
-    r = render(page)
-    assert r.page_requests == [] and r.unexplained == []
-    assert rendered_plots(r.dom) == plots_in_source(page) >= 6
+    r = render(browser, page)
+    assert r.requests == [] and r.remote == []
+    assert rendered_plots(r.dom) == r.drawn_plots == plots_in_source(page) >= 6
 
 
-def test_report_command_with_evaluation_results(tracked_run, tmp_path):
+def test_report_command_with_evaluation_results(browser, tracked_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     for name in ("config.yaml", "env.json", "metrics.ndjson"):
@@ -155,12 +146,12 @@ def test_report_command_with_evaluation_results(tracked_run, tmp_path):
     assert "<h2>Evaluation</h2>" in html and "<h3>humaneval</h3>" in html and "<td>pass@10</td><td>0.5000</td>" in html
     assert "<td>ci.pass@1</td><td>0.1000, 0.1500</td>" in html and "step_00000012" in html
     assert not list(run.glob(".report.html*"))  # no temporary file left behind
-    r = render(run / "report.html")
-    assert r.page_requests == [] and r.unexplained == []
-    assert rendered_plots(r.dom) == plots_in_source(run / "report.html")
+    r = render(browser, run / "report.html")
+    assert r.requests == [] and r.remote == []
+    assert rendered_plots(r.dom) == r.drawn_plots == plots_in_source(run / "report.html") >= 1
 
 
-def test_compare_prints_differences_and_overlays_curves(tracked_run, repro_runs, tmp_path):
+def test_compare_prints_differences_and_overlays_curves(browser, tracked_run, repro_runs, tmp_path):
     out_page = tmp_path / "pages" / "compare.html"
     out = run_cli("compare", f"run_dirs=[{tracked_run.path},{repro_runs[0]}]", f"out={out_page}")
     lines = out.stdout.splitlines()
@@ -174,9 +165,9 @@ def test_compare_prints_differences_and_overlays_curves(tracked_run, repro_runs,
     html = out_page.read_text()
     for title in ("Training loss", "Validation loss", "Learning rate", "Throughput (tokens/s)"):
         assert f"<title>{title}</title>" in html
-    r = render(out_page)
-    assert r.page_requests == [] and r.unexplained == []
-    assert rendered_plots(r.dom) == plots_in_source(out_page) >= 5
+    r = render(browser, out_page)
+    assert r.requests == [] and r.remote == []
+    assert rendered_plots(r.dom) == r.drawn_plots == plots_in_source(out_page) >= 5
 
 
 def test_a_folder_that_is_not_a_run_is_refused_and_nothing_written(tracked_run, tmp_path):
