@@ -81,7 +81,7 @@ def run_our_loop(module, loss_sum, stream, steps: int, warmup: int, batch_size: 
 
     settings = LoopSettings(max_steps=steps, log_every=1, eval_every=0, checkpoint_every=10**9)
     Trainer(module, loss_sum, opt, sched, PackedBatches(stream, seq_len, batch_size, seed=0), settings, device,
-            evaluate=lambda: {}, save=lambda s: None, emit=emit, autocast=autocast_factory(device, precision)).run()
+            evaluate=lambda **_: {}, save=lambda s: None, emit=emit, autocast=autocast_factory(device, precision)).run()
     return (steps - warmup) * batch_size * seq_len / (stamps[steps] - stamps[warmup])
 
 

@@ -126,7 +126,7 @@ def measure(variant: str, args) -> dict:
 
         loss_sum = native_loss_sum(torch.compile(model), fused=device.type != "cuda")
         Trainer(model, loss_sum, opt, sched, RandomBatches(s["vocab"], s["seq"], s["batch"], device.type == "cuda"),
-                LoopSettings(max_steps=steps, log_every=1, checkpoint_every=10**9), device, evaluate=lambda: {},
+                LoopSettings(max_steps=steps, log_every=1, checkpoint_every=10**9), device, evaluate=lambda **_: {},
                 save=lambda st: None, emit=emit, autocast=autocast_factory(device, "bf16" if args.bf16 else "fp32")).run()
         elapsed = stamps[steps] - stamps[warmup]
         flops = model.flops_per_token(s["seq"])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ def set_deterministic(enabled: bool) -> None:
 
 def rng_state() -> dict:
     """Every RNG the run draws from, as plain data that ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
+    # legacy=True (the default) returns the tuple form; the stubs type the union with the dict form
+    np_state = cast("tuple[Any, ...]", np.random.get_state())
     state = {
         "python": random.getstate(),
         "numpy": {"key": np_state[1].tolist(), "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
@@ -53,7 +55,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _as_tuple(x):
+def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 

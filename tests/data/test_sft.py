@@ -7,7 +7,7 @@ import torch
 
 from codex_ml.data.rows import pack_examples, row_batch
 from codex_ml.data.sft import SftEncoder, SftRecordError, check_record, read_records
-from codex_ml.eval.loss import summed_token_loss
+from codex_ml.models.loss import summed_token_loss
 from codex_ml.models.gpt import GPT, GPTConfig, document_block_mask
 from codex_ml.tokenizer.core import SpecialTokens
 from codex_ml.tokenizer.train import train_tokenizer

@@ -28,7 +28,9 @@ GOLDEN = [6.1040, 6.1011, 6.0467, 5.9891]  # per step; their pairwise means were
 
 def test_run_folder_and_golden_losses(corpus_dir, tmp_path):
     run = tmp_path / "run"
-    out = run_cli("train", *tiny_train_args(corpus_dir, run, steps=8, extra=["training.deterministic=true"]))
+    # the corpus as it was when GOLDEN was pinned: the data-safety and generated-file stages off
+    raw_corpus = ["data.redact=false", "data.near_dedup=false", "data.decontaminate=[]", "data.skip_generated=false"]
+    out = run_cli("train", *tiny_train_args(corpus_dir, run, steps=8, extra=["training.deterministic=true", *raw_corpus]))
     for name in ("config.yaml", "env.json", "metrics.ndjson", "tokenizer/tokenizer.json"):
         assert (run / name).exists(), name
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -43,6 +45,8 @@ def test_run_folder_and_golden_losses(corpus_dir, tmp_path):
     assert losses[:4] == pytest.approx(GOLDEN, abs=2e-3)
     val = events(run, "eval")[-1]
     assert val["step"] == 8 and val["val_loss"] > 0 and abs(val["val_ppl"] - 2.718281828 ** val["val_loss"]) < 1e-6
+    assert val["val_tokens"] > 2 * 4 * 32  # the final evaluation covers the whole split, not eval_batches=2
+    assert f"over {val['val_tokens']:,} validation tokens" in out.stdout
     assert "sample:" in out.stdout and "final val_loss" in out.stdout
 
 

@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 
-from codex_ml.eval.loss import summed_token_loss
-from codex_ml.models.fused_loss import linear_cross_entropy
 from codex_ml.models.gpt import GPT, GPTConfig
+from codex_ml.models.loss import IGNORE_INDEX, linear_cross_entropy, summed_token_loss
 from codex_ml.recipes.models import native_loss_sum
 
 
@@ -22,7 +21,7 @@ def test_fused_loss_equals_logits_then_cross_entropy(chunk):
     hidden = torch.randn(3, 20, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (3, 20))
-    labels[0, :5] = -100  # ignored targets
+    labels[0, :5] = IGNORE_INDEX  # ignored targets
     fused = linear_cross_entropy(hidden, weight, labels, chunk=chunk)
     fused.backward()
     g_hidden, g_weight = hidden.grad.clone(), weight.grad.clone()

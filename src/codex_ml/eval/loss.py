@@ -7,15 +7,8 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-
-
-def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over target tokens (labels != -100), in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+from codex_ml.models.loss import IGNORE_INDEX, summed_token_loss
 
 
 @torch.no_grad()

@@ -12,17 +12,22 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from codex_ml.conf.schema import ConfigError, TrainConfig
-from codex_ml.eval.loss import summed_token_loss
-from codex_ml.models.fused_loss import linear_cross_entropy
 from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig, document_block_mask
+from codex_ml.models.hf import context_length
+from codex_ml.models.loss import linear_cross_entropy, summed_token_loss
 from codex_ml.training.checkpoint import CheckpointError
 from codex_ml.training.device import DTYPES
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers import PreTrainedModel
 
 HF_CONFIG = "config.json"
 BASE_WEIGHTS = "base_model.safetensors"  # a LoRA run's frozen base, kept when no model.path has it
@@ -72,12 +77,13 @@ def native_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
     """The model inside torch.compile, DDP and PEFT wrappers."""
     while True:
+        # nn.Module's __getattr__ is typed Tensor | Module: these wrappers hold Modules
         if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
+            module = cast(torch.nn.Module, module._orig_mod)
         elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
             module = module.module
         elif hasattr(module, "get_base_model"):
-            module = module.get_base_model()
+            module = cast(torch.nn.Module, module.get_base_model())  # type: ignore[operator]
         else:
             return module
 
@@ -85,7 +91,7 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
 # ------------------------------------------------------------------ forward and loss
 
 
-def _attention_mask(batch: dict):
+def _attention_mask(batch: dict) -> torch.Tensor | BlockMask | None:
     """The batch's dense mask, or a FlexAttention mask built on the batch's device from example ids."""
     if "segments" in batch:
         return document_block_mask(batch["segments"])
@@ -99,7 +105,7 @@ def native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
 
 
 def native_loss_sum(module: torch.nn.Module, fused: bool = True) -> Callable[[dict], torch.Tensor]:
-    """The loss fused with the output projection: no full logits tensor (see models/fused_loss.py).
+    """The loss fused with the output projection: no full logits tensor (see models/loss.py).
 
     ``fused=False`` computes logits and the loss inside ``module`` (what torch.compile fuses best on GPU).
     """
@@ -129,11 +135,21 @@ def hf_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
 
 
 def hf_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
-    inner = unwrapped(module)
+    """The summed token loss of a Hugging Face causal LM; fused with the output projection where exact.
+
+    The backbone is called directly (its hidden states, not the logits), so ``module`` must be the
+    model itself or its PEFT/compile wrapper, never a DDP wrapper: data parallelism wraps the loss
+    (``models.loss.SummedLossModule``) so that this whole function runs inside ``DDP.forward``.
+    """
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError("hf_loss_sum: pass the model, and wrap SummedLossModule(model, loss) in DDP instead, "
+                        "or the backbone call bypasses DDP.forward and gradients are never synchronised")
+    inner = cast("PreTrainedModel", unwrapped(module))  # a Hugging Face module here
     if getattr(inner.config, "model_type", None) not in _FUSABLE:
         forward = hf_forward(module)
         return lambda batch: summed_token_loss(forward(batch), batch["labels"])
     backbone, head = inner.base_model, inner.get_output_embeddings()
+    assert head is not None  # every model type in _FUSABLE has an output projection
 
     def loss_sum(batch: dict) -> torch.Tensor:
         hidden = backbone(**_hf_kwargs(batch), use_cache=False).last_hidden_state
@@ -161,15 +177,16 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
 
 
-def load_native_weights(model: GPT, directory: Path) -> None:
-    path = directory / WEIGHTS_NAME
+def load_native_weights(model: GPT, directory: Path, weights_name: str = WEIGHTS_NAME) -> None:
+    """Load ``directory/weights_name``; every parameter must be there (bar a tied output head), nothing else."""
+    path = directory / weights_name
     missing, unexpected = model.load_state_dict(_read_safetensors(path), strict=False)
     missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _hf_weight_files(model: torch.nn.Module) -> dict[str, bytes]:
+def _hf_weight_files(model: PreTrainedModel) -> dict[str, bytes]:
     state = _drop_shared({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     return {
         WEIGHTS_NAME: save_safetensors(state, metadata={"format": "pt"}),
@@ -199,7 +216,7 @@ def _load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
 
 
 def find_native_weights(path: Path) -> Path:
-    """A native model's weights in a run folder (its newest checkpoint), a checkpoint, or a save_model folder."""
+    """A native model's weights in a run folder (its newest checkpoint), or a folder holding them and their config."""
     if (path / WEIGHTS_NAME).exists() and (path / CONFIG_NAME).exists():
         return path
     from codex_ml.training.checkpoint import latest_complete_checkpoint
@@ -214,14 +231,15 @@ def find_native_weights(path: Path) -> Path:
 # ------------------------------------------------------------------ building
 
 
-def _base_model(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype, log) -> tuple[torch.nn.Module, GPT | None, dict]:
+def _base_model(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
+                log: Callable[[str], None]) -> tuple[torch.nn.Module, GPT | None, dict]:
     """(the module, the native decoder when there is one, a description of where it came from)."""
     m = cfg.model
     if m.kind == "native":
         if m.path:
             src = find_native_weights(Path(m.path).expanduser())
-            config = GPTConfig.from_dict(json.loads((src / CONFIG_NAME).read_text()))
-            model = GPT(config)
+            native_cfg = GPTConfig.from_dict(json.loads((src / CONFIG_NAME).read_text()))
+            model = GPT(native_cfg)
             load_native_weights(model, src)
             log(f"model: continuing the native model in {src}")
             return model.to(dtype), model, {"kind": "native", "path": str(src)}
@@ -230,6 +248,7 @@ def _base_model(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype, log) -> t
     from codex_ml.models.convert import ConversionError, gpt_config_from_llama, hf_to_native
     from codex_ml.models.hf import check_model_dir, hf_config, load_hf_causal_lm
 
+    assert m.path is not None  # validate_model: model.kind=hf needs model.path
     path = Path(m.path).expanduser().resolve()
     check_model_dir(path)
     config = hf_config(path, m.trust_remote_code)
@@ -246,43 +265,47 @@ def _base_model(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype, log) -> t
             del hf
             log(f"model: {path} ({config.model_type}) loaded into the native decoder, exactly")
             return model, model, {"kind": "hf-native", "path": str(path), "model_type": config.model_type}
-    model = load_hf_causal_lm(path, dtype, torch.device("cpu"), m.trust_remote_code)
-    model.config.use_cache = False
-    return model, None, {"kind": "hf", "path": str(path), "model_type": config.model_type}
+    hf_model = load_hf_causal_lm(path, dtype, torch.device("cpu"), m.trust_remote_code)
+    hf_model.config.use_cache = False
+    return hf_model, None, {"kind": "hf", "path": str(path), "model_type": config.model_type}
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log) -> ModelBundle:
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Callable[[str], None]) -> ModelBundle:
     m, lo = cfg.model, cfg.lora
     dtype = DTYPES[m.dtype]
     base, native, source = _base_model(cfg, vocab_size, dtype, log)
     hf_module = native is None
-    if hf_module:
-        emb = base.get_input_embeddings().weight.shape[0]
+    hf_base = cast("PreTrainedModel", base)  # what base is when there is no native decoder
+    if native is None:
+        emb = hf_base.get_input_embeddings().weight.shape[0]  # type: ignore[index]  # nn.Module attributes are typed Tensor | Module
         if emb < vocab_size:
             raise ConfigError("model.path", f"the model's {emb} embeddings are fewer than its tokenizer's {vocab_size} tokens")
     elif native.config.vocab_size < vocab_size:
         raise ConfigError("model.vocab_size", f"{native.config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
     if m.activation_checkpointing:
-        if hf_module:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if native is None:
+            hf_base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             native.gradient_checkpointing = True
     module = base
     hf_names = source["kind"] in ("hf", "hf-native")
     if lo.enabled:
-        from codex_ml.models.lora import adapter_files, apply_lora, load_adapter
+        from codex_ml.models.lora import adapter_files, apply_lora, load_adapter, resolve_target_modules
 
         frozen = {}
         if source["kind"] == "native" and not source.get("path"):
             # a base made from scratch exists nowhere else: keep it next to the adapter
+            assert native is not None  # kind "native"
             weights = native_weight_files(native)
             frozen = {BASE_WEIGHTS: weights[WEIGHTS_NAME], CONFIG_NAME: weights[CONFIG_NAME]}
-        module = apply_lora(base, lo.r, lo.alpha, lo.dropout, list(lo.target_modules), causal_lm=hf_module)
+        targets = resolve_target_modules(base, list(lo.target_modules), source.get("model_type"))
+        log(f"lora: adapting {targets.describe()}")
+        module = apply_lora(base, lo.r, lo.alpha, lo.dropout, targets.names, causal_lm=hf_module)
         files = lambda: {**adapter_files(module, hf_names=source["kind"] == "hf-native", base_path=source.get("path")),
                          **frozen}
         load = lambda d: load_adapter(module, d, hf_names=source["kind"] == "hf-native")
-    elif hf_module:
-        files, load = (lambda: _hf_weight_files(base)), (lambda d: _load_hf_weights(base, d))
+    elif native is None:
+        files, load = (lambda: _hf_weight_files(hf_base)), (lambda d: _load_hf_weights(base, d))
     else:
         files, load = (lambda: native_weight_files(native)), (lambda d: load_native_weights(native, d))
     module = module.to(device)
@@ -293,10 +316,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log) ->
                                        indent=2) + "\n").encode()
         return out
 
-    if hf_module:
-        config = base.config
-        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
-        n = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
+    if native is None:
+        config = hf_base.config
+        max_len = context_length(config)
+        n = sum(p.numel() for p in base.parameters()) - hf_base.get_input_embeddings().weight.numel()  # type: ignore[operator]  # as above
         describe = f"{config.model_type} from {source['path']} (Hugging Face module)"
         return ModelBundle(module, describe, int(max_len), hf_forward, hf_loss_sum, checkpoint_files, load,
                            lambda seq: 6.0 * n, native=None, source=source, supports_packing=False)

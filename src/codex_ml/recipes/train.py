@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import OmegaConf
@@ -25,9 +26,10 @@ from codex_ml.data.rows import RowBatches, eval_row_batches
 from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
 from codex_ml.eval.loss import evaluate_loss
-from codex_ml.models.hf import check_model_dir
-from codex_ml.recipes.models import build_model, native_loss_sum
-from codex_ml.recipes.prepare import PreparedData, cache_root, prepare_data, prepare_sft
+from codex_ml.models.hf import DEFAULT_CONTEXT, check_model_dir
+from codex_ml.models.loss import SummedLossModule
+from codex_ml.recipes.models import ModelBundle, build_model, native_loss_sum
+from codex_ml.recipes.prepare import PreparedData, PreparedRows, cache_root, prepare_data, prepare_sft
 from codex_ml.repro import environment, rng_state, seed_everything, set_deterministic, set_rng_state
 from codex_ml.runs import (
     CHECKPOINTS_DIR,
@@ -42,7 +44,7 @@ from codex_ml.runs import (
 from codex_ml.tokenizer.core import CodeTokenizer
 from codex_ml.tracking.console import ConsoleReporter
 from codex_ml.tracking.events import EventLog, NdjsonSink
-from codex_ml.tracking.sinks import start_trackers
+from codex_ml.tracking.sinks import Trackers, start_trackers
 from codex_ml.tracking.wandb_sink import require_wandb
 from codex_ml.training.checkpoint import (
     latest_complete_checkpoint,
@@ -53,8 +55,8 @@ from codex_ml.training.checkpoint import (
     torch_bytes,
     verify_checkpoint,
 )
-from codex_ml.training.device import autocast_factory, peak_flops, resolve_device
-from codex_ml.training.distributed import init_distributed, wrap_ddp
+from codex_ml.training.device import autocast_factory, configure_matmul_precision, peak_flops, resolve_device
+from codex_ml.training.distributed import Distributed, init_distributed, wrap_ddp
 from codex_ml.training.loop import LoopSettings, LoopState, StopRequest, Trainer
 from codex_ml.training.optim import build_optimizer, build_scheduler
 
@@ -103,7 +105,7 @@ def write_config(cfg: TrainConfig, run_dir: Path) -> None:
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def dataset_record(prepared) -> dict:
+def dataset_record(prepared: PreparedData | PreparedRows) -> dict:
     """What env.json says of the data: its hash, where it is cached, its splits."""
     m = prepared.manifest
     return {"sha256": m["sha256"], "path": str(prepared.directory), "source": m["source"], "splits": m["splits"]}
@@ -170,7 +172,7 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
         lock.release()
 
 
-def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, sweep: dict | None) -> dict:
+def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: Distributed, sweep: dict | None) -> dict:
     t = cfg.training
     ckpt_root = run_dir / CHECKPOINTS_DIR
     if dist.is_main:
@@ -183,8 +185,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         log(f"run folder: {run_dir}" + (f" (resuming from {resume.path.name})" if resume else ""))
 
     set_deterministic(t.deterministic)
+    configure_matmul_precision(device, t.precision)  # fp32 on CUDA: TF32 tensor cores, the rate MFU is measured at
     seed_everything(t.seed + dist.rank)
     is_sft = cfg.data.source == "sft"
+    prepared: PreparedData | PreparedRows | None
     if is_sft:
         tokenizer = sft_tokenizer(cfg, run_dir) if dist.is_main else None
         dist.barrier()
@@ -198,19 +202,22 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
 
     bundle = build_model(cfg, len(tokenizer), device, log=log)
     if cfg.data.seq_len is None:
-        cfg.data.seq_len = bundle.max_seq_len if cfg.model.kind == "native" else min(bundle.max_seq_len, 2048)
+        cfg.data.seq_len = bundle.max_seq_len if cfg.model.kind == "native" else min(bundle.max_seq_len, DEFAULT_CONTEXT)
     if cfg.data.seq_len > bundle.max_seq_len:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the model's context of {bundle.max_seq_len}")
+    seq_len: int = cfg.data.seq_len  # set above; the lambdas below cannot see that narrowing
     model = bundle.module
-    train_model = model
-    if t.compile:
-        train_model = torch.compile(model)
-    train_model = wrap_ddp(train_model, dist, device)
+    # compiling a Module gives an OptimizedModule, a Module; the stubs say only Callable
+    compiled = cast(torch.nn.Module, torch.compile(model)) if t.compile else model
     if t.compile and device.type == "cuda" and bundle.native is not None:
         # compiled on GPU, logits and cross-entropy fuse inside the graph; the chunked loss is for eager and CPU
-        loss_sum = native_loss_sum(train_model, fused=False)
+        model_loss = SummedLossModule(compiled, native_loss_sum(compiled, fused=False))
     else:
-        loss_sum = bundle.loss_sum_with(train_model)
+        model_loss = SummedLossModule(compiled, bundle.loss_sum_with(compiled))
+    # DDP wraps the loss, not the bare model, so that every forward (the fused loss calls the backbone
+    # itself) runs inside DDP.forward and the reducer synchronises the gradients (the HF Trainer wraps
+    # model_loss for itself)
+    train_model = wrap_ddp(model_loss, dist, device) if t.engine == "native" else model_loss
 
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device.type)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
@@ -225,20 +232,26 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         prepared = prepare_sft(cfg.data, tokenizer, run_dir / TOKENIZER_DIR, cfg.data.seq_len,
                                cfg.tokenizer.truncation_side, log=log if dist.is_main else lambda m: None)
         flex = native_rows and cfg.model.attention == "flex"
-        batches = RowBatches(prepared.train, t.batch_size, t.seed, native_rows, dist.rank, dist.world_size, flex=flex)
-        val_rows = lambda: eval_row_batches(prepared.val, t.batch_size, native_rows, t.eval_batches, flex=flex)
+        rows = prepared
+        batches: RowBatches | PackedBatches = RowBatches(rows.train, t.batch_size, t.seed, native_rows, dist.rank,
+                                                         dist.world_size, flex=flex)
+        val_rows = lambda bound: eval_row_batches(rows.val, t.batch_size, native_rows, bound, flex=flex,
+                                                  rank=dist.rank, world_size=dist.world_size)
     else:
+        assert isinstance(prepared, PreparedData)  # prepared above for a token corpus
         train_stream = TokenStream(open_split(prepared.directory, "train"))
         val_stream = TokenStream(open_split(prepared.directory, "val"))
         batches = PackedBatches(train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size,
                                 pin_memory=device.type == "cuda")
-        val_rows = lambda: eval_batches(val_stream, cfg.data.seq_len, t.batch_size, t.eval_batches, dist.rank,
-                                        dist.world_size)
+        val_rows = lambda bound: eval_batches(val_stream, seq_len, t.batch_size, bound, dist.rank,
+                                              dist.world_size)
 
-    def evaluate() -> dict:
+    def evaluate(whole_split: bool = False) -> dict:
+        """The validation loss on a fixed sample spread over the split (``training.eval_batches``
+        batches per rank), or on all of it; ``val_tokens`` says how many target tokens it covers."""
         model.eval()
-        m = evaluate_loss(bundle.forward_with(model), val_rows(), device, autocast,
-                          dist.all_reduce_sum if dist.enabled else None)
+        m = evaluate_loss(bundle.forward_with(model), val_rows(0 if whole_split else t.eval_batches), device,
+                          autocast, dist.all_reduce_sum if dist.enabled else None)
         return {f"val_{k}": v for k, v in m.items()}
 
     settings = LoopSettings(
@@ -249,7 +262,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         flops_per_token=bundle.flops_per_token(cfg.data.seq_len),
         peak_flops=peak_flops(device, t.precision) * dist.world_size,
     )
-    stop = StopRequest()
+    stop = StopRequest(agree=dist.agree_on_signal)  # a signal to one rank stops every rank, at the same step
 
     metrics_offset = None
     resumed_state = None
@@ -257,11 +270,16 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         bundle.load_checkpoint(resume.path)
         optimizer.load_state_dict(load_torch_file(resume.path / OPTIMIZER_FILE))
         resumed_state = load_torch_file(resume.path / STATE_FILE)
+        saved_ranks = len(resumed_state["loader"])
+        if saved_ranks != dist.world_size:
+            raise ConfigError("training", f"{resume.path.name} was saved by {saved_ranks} rank(s); resume it with as many "
+                                          f"(torchrun --nproc_per_node={saved_ranks}), not {dist.world_size}, or the data "
+                                          "order and the random streams of each rank cannot continue exactly")
         batches.load_state_dict(resumed_state["loader"][dist.rank])
         metrics_offset = resumed_state["metrics_offset"]
 
-    events = None
-    trackers = None
+    events: EventLog | None = None  # rank 0's only
+    trackers: Trackers | None = None
     if dist.is_main:
         write_config(cfg, run_dir)
         env = write_env(cfg, run_dir, dataset_record(prepared), tokenizer, {
@@ -276,24 +294,24 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
 
     def emit(event: dict) -> None:
         if dist.is_main:
+            assert events is not None
             console(event)
             events.log(event)
 
     trainer: Trainer
 
     def save(state: LoopState) -> None:
-        loader_states = [None] * dist.world_size
-        if dist.enabled:
-            torch.distributed.all_gather_object(loader_states, batches.state_dict())
-        else:
-            loader_states = [batches.state_dict()]
+        # every rank's own position and random streams (each rank was seeded seed + rank)
+        loader_states = dist.gather_objects(batches.state_dict())
+        rng_states = dist.gather_objects(rng_state())
         if not dist.is_main:
             return
+        assert events is not None
         events.flush()
         files = bundle.checkpoint_files()
         files[OPTIMIZER_FILE] = torch_bytes(optimizer.state_dict())
         files[STATE_FILE] = torch_bytes({
-            "trainer": trainer.state_dict(), "loader": loader_states, "rng": rng_state(),
+            "trainer": trainer.state_dict(), "loader": loader_states, "rng": rng_states,
             "metrics_offset": events.primary.size(),
         })
         # a checkpoint carries the metrics of an evaluation at its own step only (for best-k)
@@ -305,15 +323,18 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         emit({"event": "checkpoint", "step": state.step, "path": str(path.relative_to(run_dir))})
 
     trainer = Trainer(
-        train_model, loss_sum, optimizer, scheduler, batches, settings, device, evaluate, save, emit,
+        train_model, train_model, optimizer, scheduler, batches, settings, device, evaluate, save, emit,
         autocast=autocast, scaler=scaler, all_reduce=dist.all_reduce_sum if dist.enabled else None,
         no_sync=getattr(train_model, "no_sync", contextlib.nullcontext), stop=stop, world_size=dist.world_size,
     )
     if resumed_state is not None:
         trainer.load_state_dict(resumed_state["trainer"])
-        set_rng_state(resumed_state["rng"])
+        rng = resumed_state["rng"]
+        # a checkpoint written before RNG states were kept per rank holds one (the only rank's)
+        set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
     start_step = trainer.state.step
     if dist.is_main:
+        assert events is not None
         counts = bundle.parameter_counts()
         log(f"model: {bundle.describe}; {counts['total']:,} parameters, {counts['trainable']:,} trainable; "
             f"device {device}, precision {t.precision}")
@@ -325,8 +346,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
         if start_step < t.max_steps and t.engine == "hf":
             from codex_ml.training.hf_trainer import run_hf_trainer
 
-            state = run_hf_trainer(model, loss_sum, optimizer, scheduler, batches, settings, trainer.state,
-                                   t.batch_size, t.precision, t.seed, device, evaluate, save, emit, stop)
+            state = run_hf_trainer(compiled, model_loss.loss_sum, optimizer, scheduler, batches, settings, trainer.state,
+                                   t.batch_size, t.precision, t.seed, device, evaluate, save, emit, stop,
+                                   all_reduce=dist.all_reduce_sum if dist.enabled else None)
         elif start_step < t.max_steps:
             state = trainer.run()
         else:
@@ -339,29 +361,33 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist, s
 
     result = dict(state.last_metrics)
     if dist.is_main:
-        if stop.signal is not None:
-            name = signal.Signals(stop.signal).name
+        assert events is not None and trackers is not None
+        if stop.agreed is not None:  # this rank's signal, or another's
+            name = signal.Signals(stop.agreed).name
             log(f"stopped by {name} at step {state.step}; the checkpoint is saved: run the same command to resume")
             events.log({"event": "interrupted", "step": state.step, "signal": name})
         else:
             _print_sample(cfg, bundle, tokenizer)
             events.log({"event": "end", "step": state.step})
             if "val_loss" in result:
-                log(f"final val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) at step {state.step}; "
-                    f"run folder {run_dir}")
+                log(f"final val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) at step {state.step} "
+                    f"over {result.get('val_tokens', 0):,} validation tokens; run folder {run_dir}")
         events.flush()
         final = latest_complete_checkpoint(ckpt_root)
-        trackers.finish(run_dir, interrupted=stop.signal is not None, final_checkpoint=final.path if final else None)
+        trackers.finish(run_dir, interrupted=stop.agreed is not None, final_checkpoint=final.path if final else None)
         events.close()
-    if stop.signal is not None:
-        raise KeyboardInterrupt(stop.signal)
+    # no rank leaves before rank 0 has written everything: torchrun stops the others when one exits
+    dist.barrier()
+    if stop.agreed is not None:
+        raise KeyboardInterrupt(stop.agreed)
     return result
 
 
-def _print_sample(cfg: TrainConfig, bundle, tokenizer) -> None:
+def _print_sample(cfg: TrainConfig, bundle: ModelBundle, tokenizer: CodeTokenizer) -> None:
     t = cfg.training
     if not t.sample_tokens or not bundle.can_generate:
         return
+    assert bundle.native is not None  # can_generate
     settings = SamplingSettings(max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95, seed=t.seed)
     completion = generate(bundle.native, tokenizer, [t.sample_prompt], settings)[0][0]
     log("sample:\n" + t.sample_prompt + completion.text)

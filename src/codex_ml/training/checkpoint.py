@@ -17,6 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,13 +50,13 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def torch_bytes(obj) -> bytes:
+def torch_bytes(obj: object) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def load_torch_file(path: Path):
+def load_torch_file(path: Path) -> Any:
     """Only tensors and plain containers: a checkpoint file never runs code when loaded."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -36,6 +36,25 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects: loader and RNG states)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree_on_signal(self, signum: int | None) -> int | None:
+        """The signal any rank received (the largest number if several did), or None: the same on every
+        rank. A collective: every rank calls it at the same step."""
+        if not self.enabled:
+            return signum
+        # a CPU tensor for gloo; NCCL reduces only CUDA tensors
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        flag = torch.tensor([signum or 0], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
 
 def init_distributed(device_type: str) -> Distributed:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""

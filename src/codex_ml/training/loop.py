@@ -12,10 +12,12 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from types import FrameType
+from typing import cast
 
 import torch
 
-from codex_ml.eval.loss import IGNORE_INDEX
+from codex_ml.models.loss import target_tokens
 
 
 @dataclass
@@ -47,13 +49,26 @@ class LoopState:
 
 
 class StopRequest:
-    """Set from a signal handler; the loop saves a checkpoint and returns after the current step."""
+    """Set from a signal handler; the loop saves a checkpoint and returns after the current step.
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
+    A signal reaches one process, but every rank must stop at the same step (or the others wait
+    in a collective forever): ``agree`` turns the ranks' requests into one decision, the same on
+    every rank, and ``agreed`` is what the loop and the recipe act on.
+    """
 
-    def __call__(self, signum, frame=None) -> None:
+    def __init__(self, agree: Callable[[int | None], int | None] = lambda signum: signum) -> None:
+        self.signal: int | None = None  # what this process received
+        self.agreed: int | None = None  # what all ranks decided: a signal number, or None to go on
+        self._agree = agree  # a collective under torchrun (every rank must call it at the same step)
+
+    def __call__(self, signum: int, frame: FrameType | None = None) -> None:
         self.signal = signum
+
+    def decide(self) -> bool:
+        """Whether to stop now; a collective when there are several ranks. Once stopping, stays so."""
+        if self.agreed is None:
+            self.agreed = self._agree(self.signal)
+        return self.agreed is not None
 
 
 class Trainer:
@@ -62,11 +77,11 @@ class Trainer:
         model: torch.nn.Module,
         loss_sum: Callable[[dict], torch.Tensor],
         optimizer: torch.optim.Optimizer,
-        scheduler,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
         batches: Iterator[dict],
         settings: LoopSettings,
         device: torch.device,
-        evaluate: Callable[[], dict],
+        evaluate: Callable[..., dict],  # evaluate(whole_split=bool): the validation metrics
         save: Callable[[LoopState], None],
         emit: Callable[[dict], None],
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -76,7 +91,8 @@ class Trainer:
         stop: StopRequest | None = None,
         world_size: int = 1,
     ) -> None:
-        # loss_sum(batch): the cross-entropy summed over the batch's target tokens (labels != -100)
+        # loss_sum(batch): the cross-entropy summed over the batch's target tokens (models.loss);
+        # under DDP, the DDP-wrapped models.loss.SummedLossModule, so that gradients are synchronised
         self.model, self.loss_sum, self.optimizer, self.scheduler = model, loss_sum, optimizer, scheduler
         self.batches, self.s, self.device = batches, settings, device
         self.evaluate, self.save, self.emit = evaluate, save, emit
@@ -110,7 +126,8 @@ class Trainer:
         """
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
                  for _ in range(self.s.grad_accum)]
-        n_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in micro)
+        # grad_accum >= 1: a sum of tensors, never sum()'s start value 0
+        n_tokens = cast(torch.Tensor, sum(target_tokens(b["labels"]) for b in micro))
         if self.all_reduce is not None:
             n_tokens = self.all_reduce(n_tokens.clone())
         n_tokens = n_tokens.clamp(min=1)
@@ -183,8 +200,11 @@ class Trainer:
 
             final = st.step == s.max_steps
             if (s.eval_every and st.step % s.eval_every == 0) or final:
-                self._evaluate()
-            stopping = self.stop.signal is not None or st.stopped_early
+                self._evaluate(whole_split=final)  # the run's last figure covers the whole split
+            # every rank reaches the same decision at the same step; with several ranks only at
+            # steps that synchronise anyway (log and checkpoint steps), to keep the hot loop sync-free
+            at_sync = self.world_size == 1 or final or st.step % s.log_every == 0 or st.step % s.checkpoint_every == 0
+            stopping = (at_sync and self.stop.decide()) or st.stopped_early
             if st.step % s.checkpoint_every == 0 or final or stopping:
                 read_back()  # unlogged steps go into the checkpoint, so a resumed run logs them too
                 self.save(st)
@@ -192,10 +212,15 @@ class Trainer:
                 break
         return st
 
-    def _evaluate(self) -> None:
-        metrics = self.evaluate()
+    def _evaluate(self, whole_split: bool) -> None:
+        metrics = self.evaluate(whole_split=whole_split)
         self.model.train()
         record_evaluation(self.state, self.s, metrics, self.emit)
+        if self.state.stopped_early and not whole_split:
+            # the run ends here instead of at max_steps: its last figure covers the whole split as well
+            self.state.last_metrics = self.evaluate(whole_split=True)
+            self.model.train()
+            self.emit({"event": "eval", "step": self.state.step, **self.state.last_metrics})
 
 
 def record_evaluation(st: LoopState, s: LoopSettings, metrics: dict, emit: Callable[[dict], None]) -> None:

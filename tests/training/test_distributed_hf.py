@@ -1,0 +1,75 @@
+"""Data-parallel training of Hugging Face modules (full and LoRA): two gloo ranks with half the batch
+each train exactly like one process with the whole batch, so the gradients were synchronised."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from helpers import data_args, run_cli
+from training.distributed_helpers import complete_checkpoints, events, torchrun
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(corpus_dir, tmp_path_factory):
+    """A GPT-2 and a Qwen2 model built from config (no dropout: ranks draw other masks than one
+    process), saved with a tokenizer of ours."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("hf-ddp")
+    run_cli("tokenizer", *data_args(corpus_dir), f"out={root / 'tok'}")
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    models = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)),
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64, **ids)),
+    }
+    for name, m in models.items():
+        m.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+    return root
+
+
+LORA = {"gpt2": "[c_attn,c_proj,c_fc]", "qwen2": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"}
+
+
+def train_losses(run_dir):
+    return {e["step"]: e["train_loss"] for e in events(run_dir, "train")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_ranks_with_half_batches_equal_one_process(hf_dirs, corpus_dir, tmp_path, arch, lora):
+    common = ["model=hf", f"model.path={hf_dirs / arch}", *data_args(corpus_dir), "training.max_steps=3",
+              "training.checkpoint_every=3", "training.log_every=1", "training.eval_batches=1",
+              "training.warmup_steps=1", "training.lr=0.01", "training.deterministic=true", "tracking.mlflow=false"]
+    if lora:
+        common += ["lora.enabled=true", f"lora.target_modules={LORA[arch]}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli("train", *common, "training.batch_size=4", f"run.dir={one}", env={"OMP_NUM_THREADS": "1"})
+    torchrun([*common, "training.batch_size=2", f"run.dir={two}"], cwd=tmp_path)
+
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5, (a, b)
+    ca, cb = complete_checkpoints(one)[-1], complete_checkpoints(two)[-1]
+    assert ca.name == cb.name == "step_00000003"
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    wa, wb = load_file(str(ca / weights)), load_file(str(cb / weights))
+    assert wa.keys() == wb.keys() and wa
+    trained = 0
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=2e-5, msg=k)
+        trained += 1
+    assert trained == len(wa)
+    # the premise: the weights did move (identical initial weights would compare equal trivially)
+    initial = load_file(str(hf_dirs / arch / "model.safetensors"))
+    if not lora:
+        assert any(not torch.equal(wa[k], initial[k]) for k in wa if k in initial)
+    else:
+        assert any(v.abs().max() > 0 for k, v in wa.items() if "lora_B" in k)  # B starts at zero
