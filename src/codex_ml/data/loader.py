@@ -3,7 +3,8 @@
 Training rows are windows of ``seq_len + 1`` tokens at multiples of ``seq_len`` in the token
 stream, visited in an order fixed by (seed, epoch). Each rank takes every ``world_size``-th window
 of that order, so ranks never overlap. The loader's position (epoch, batch) is its whole state:
-saving it in a checkpoint and loading it back resumes at exactly the next batch.
+saving it in a checkpoint and loading it back resumes at exactly the next batch. Validation reads
+the same windows in stream order: all of them, or a fixed sample spread over the whole split.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-
-IGNORE_INDEX = -100
 
 
 class TokenStream:
@@ -42,8 +41,7 @@ class TokenStream:
 
 
 def window_batch(stream: TokenStream, starts: np.ndarray, seq_len: int) -> dict[str, torch.Tensor]:
-    rows = np.stack([stream.slice(int(s), int(s) + seq_len + 1) for s in starts]).astype(np.int64)
-    rows = torch.from_numpy(rows)
+    rows = torch.from_numpy(np.stack([stream.slice(int(s), int(s) + seq_len + 1) for s in starts]).astype(np.int64))
     return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
 
@@ -98,20 +96,34 @@ class PackedBatches:
         self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None
 
 
-def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int = 0,
-                 rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """Validation batches in stream order, the same every time; the rank's share of them.
+def spread_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """``k`` of the indices ``0..n-1``, sorted: one drawn at random from each of ``k`` equal strata.
 
-    ``max_batches`` (0: all) bounds the work. A split shorter than one window gives one short row.
+    Every part of the range contributes in proportion to its length, so an average over the
+    sample is an unbiased estimate of the average over all ``n`` (up to the strata's rounding),
+    with less variance than a plain random draw when neighbours resemble each other, as the
+    windows of one document do. The same ``(n, k, seed)`` gives the same sample every time.
+    """
+    if k <= 0 or k >= n:
+        return np.arange(n)
+    bounds = (np.arange(k + 1) * n) // k  # strata of floor(n/k) or ceil(n/k) indices, none empty as k < n
+    return np.random.default_rng([seed, n, k]).integers(bounds[:-1], bounds[1:])
+
+
+def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int = 0,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Validation batches, the same every time; the rank's share of them (ranks never overlap).
+
+    ``max_batches`` 0 (or at least the split's size) covers the whole split: every target token
+    exactly once, the tokens after the last full window as one short row. Otherwise the work is
+    bounded to ``max_batches`` batches per rank of windows sampled by :func:`spread_sample` from the
+    whole stream, so the figure estimates the whole split's, not that of the documents that come first.
     """
     n = max(0, (len(stream) - 1) // seq_len)
-    if n == 0:
-        if len(stream) >= 2 and rank == 0:
-            yield window_batch(stream, np.zeros(1, dtype=np.int64), len(stream) - 1)
-        return
-    starts = np.arange(n) * seq_len
-    if max_batches:
-        starts = starts[: max_batches * batch_size * world_size]
-    starts = starts[rank::world_size]
-    for i in range(0, len(starts), batch_size):
-        yield window_batch(stream, starts[i:i + batch_size], seq_len)
+    sample = spread_sample(n, max_batches * batch_size * world_size, seed) if max_batches else np.arange(n)
+    mine = sample[rank::world_size] * seq_len
+    for i in range(0, len(mine), batch_size):
+        yield window_batch(stream, mine[i:i + batch_size], seq_len)
+    tail = len(stream) - 1 - n * seq_len  # targets past the last full window (the whole split if it is short)
+    if len(sample) == n and tail > 0 and n % world_size == rank:
+        yield window_batch(stream, np.array([n * seq_len]), tail)

@@ -15,16 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from codex_ml.data.labels import IGNORE_INDEX
+from codex_ml.data.loader import spread_sample
 from codex_ml.data.sft import Example
 
-IGNORE_INDEX = -100
 PAD_SEGMENT = -1
 
 
 @dataclass
 class Rows:
     input_ids: np.ndarray  # (N, T) int32
-    labels: np.ndarray  # (N, T) int32, -100 where not trained
+    labels: np.ndarray  # (N, T) int32, IGNORE_INDEX where not trained
     position_ids: np.ndarray  # (N, T) int32, restarting at every example
     segments: np.ndarray  # (N, T) int32: the example's index within its row, -1 for padding
 
@@ -141,8 +142,15 @@ class RowBatches:
         self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None
 
 
-def eval_row_batches(rows: Rows, batch_size: int, native: bool, max_batches: int = 0,
-                     flex: bool = False) -> Iterator[dict]:
-    n = len(rows) if not max_batches else min(len(rows), max_batches * batch_size)
-    for start in range(0, n, batch_size):
-        yield row_batch(rows, np.arange(start, min(start + batch_size, n)), native, flex)
+def eval_row_batches(rows: Rows, batch_size: int, native: bool, max_batches: int = 0, flex: bool = False,
+                     rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[dict]:
+    """Validation batches of rows, the same every time; the rank's share of them (ranks never overlap).
+
+    ``max_batches`` 0 covers every row; otherwise ``max_batches`` batches per rank of rows sampled
+    by :func:`spread_sample` from all of them (rows are packed longest first, so the first rows
+    alone would be the longest examples).
+    """
+    sample = spread_sample(len(rows), max_batches * batch_size * world_size, seed) if max_batches else np.arange(len(rows))
+    mine = sample[rank::world_size]
+    for start in range(0, len(mine), batch_size):
+        yield row_batch(rows, mine[start:start + batch_size], native, flex)

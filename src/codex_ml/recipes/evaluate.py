@@ -15,7 +15,9 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from codex_ml.conf.schema import DataConfig, EvaluateConfig, TrainConfig
 from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
 from codex_ml.eval.loss import evaluate_loss
+from codex_ml.models.hf import context_length
 from codex_ml.recipes.checkpoints import find_checkpoint, load_checkpoint_model
 from codex_ml.runs import CONFIG_FILE, METRICS_FILE, TOKENIZER_DIR, RunLock
 from codex_ml.tokenizer.core import CodeTokenizer
@@ -42,10 +45,11 @@ def run_config(run_dir: Path) -> TrainConfig:
     if not path.exists():
         raise CodexError(f"{run_dir} is not a run folder: no {CONFIG_FILE}")
     schema = OmegaConf.structured(TrainConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, yaml.safe_load(path.read_text())))
+    # merged onto the structured schema, to_object gives a TrainConfig; the stubs type every container kind
+    return cast(TrainConfig, OmegaConf.to_object(OmegaConf.merge(schema, yaml.safe_load(path.read_text()))))
 
 
-def _forward(model: torch.nn.Module):
+def _forward(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     from codex_ml.models.gpt import GPT
 
     if isinstance(model, GPT):
@@ -53,7 +57,7 @@ def _forward(model: torch.nn.Module):
     return lambda b: model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False).logits
 
 
-def loss_task(cfg: EvaluateConfig, run: TrainConfig, run_dir: Path, model, device: torch.device) -> dict:
+def loss_task(cfg: EvaluateConfig, run: TrainConfig, run_dir: Path, model: torch.nn.Module, device: torch.device) -> dict:
     from codex_ml.data.loader import TokenStream, eval_batches
     from codex_ml.data.pack import open_split
     from codex_ml.recipes.prepare import prepare_data, prepare_sft
@@ -73,8 +77,8 @@ def loss_task(cfg: EvaluateConfig, run: TrainConfig, run_dir: Path, model, devic
         rows = prepared.val if cfg.split == "val" else prepared.train
         batches = eval_row_batches(rows, cfg.batch_size, isinstance(model, GPT), cfg.max_batches)
     else:
-        prepared = prepare_data(data, run.tokenizer, tokenizer_dir=tokenizer_dir)
-        stream = TokenStream(open_split(prepared.directory, cfg.split))
+        packed = prepare_data(data, run.tokenizer, tokenizer_dir=tokenizer_dir)
+        stream = TokenStream(open_split(packed.directory, cfg.split))
         batches = eval_batches(stream, seq_len, cfg.batch_size, cfg.max_batches)
     metrics = evaluate_loss(_forward(model), batches, device)
     where = f"{cfg.data_source} {', '.join(cfg.data_paths)}" if cfg.data_source else f"the run's {cfg.split} split"
@@ -90,14 +94,14 @@ def _fit_prompt(tokenizer: CodeTokenizer, prompt: str, room: int) -> tuple[list[
     return (ids[-room:], True) if len(ids) > room else (ids, False)
 
 
-def humaneval_task(cfg: EvaluateConfig, model, tokenizer: CodeTokenizer, run_dir: Path) -> tuple[dict, list[dict]]:
+def humaneval_task(cfg: EvaluateConfig, model: torch.nn.Module, tokenizer: CodeTokenizer,
+                   run_dir: Path) -> tuple[dict, list[dict]]:
     from codex_ml.eval.humaneval import STOP_SEQUENCES, judge_samples, load_problems, pass_at_k
     from codex_ml.eval.metrics import bootstrap_ci
 
     problems = load_problems()
     task_ids = list(problems)[: cfg.limit or None]
-    config = model.config
-    context = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", 2048)
+    context = context_length(model.config)
     room = max(1, context - cfg.max_new_tokens)
     settings = SamplingSettings(max_new_tokens=min(cfg.max_new_tokens, context - 1), temperature=cfg.temperature,
                                 top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(STOP_SEQUENCES),
@@ -114,12 +118,11 @@ def humaneval_task(cfg: EvaluateConfig, model, tokenizer: CodeTokenizer, run_dir
         for tid, completions in zip(chunk, generate(model, tokenizer, prompts, settings)):
             samples += [{"task_id": tid, "completion": c.text, "finish_reason": c.finish_reason} for c in completions]
     results = judge_samples(problems, samples, timeout=cfg.timeout, workers=cfg.workers)
-    ks = [k for k in cfg.k if k <= cfg.n]
-    scores = pass_at_k(results, ks)
+    scores = pass_at_k(results, cfg.k)  # a k above cfg.n is left out with a PassAtKWarning naming k and n
     per_problem: dict[str, list[bool]] = {}
     for r in results:
         per_problem.setdefault(r["task_id"], []).append(bool(r["passed"]))
-    out = {"problems": len(task_ids), "samples_per_problem": cfg.n, "prompts_truncated": cut, **scores,
+    out: dict[str, Any] = {"problems": len(task_ids), "samples_per_problem": cfg.n, "prompts_truncated": cut, **scores,
            "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
     if cfg.ci and per_problem:
         rates = np.array([np.mean(v) for v in per_problem.values()])
@@ -138,6 +141,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def evaluate_command(cfg: EvaluateConfig) -> dict:
+    assert cfg.run_dir is not None  # validate_evaluate requires it
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     ckpt = find_checkpoint(run_dir, cfg.checkpoint)
     run = run_config(run_dir)
