@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from codex_ml.models.gpt import GPT, GPTConfig, load_model, save_model
+from codex_ml.models.gpt import GPT, GPTConfig
 
 
 def tiny(**kw) -> GPT:
@@ -69,11 +69,15 @@ def test_too_long_sequence_is_refused():
 
 
 def test_save_and_load_round_trip_with_tied_embeddings(tmp_path):
-    m = tiny(tie_embeddings=True)
+    from codex_ml.recipes.checkpoints import load_native_checkpoint
+    from codex_ml.recipes.models import native_weight_files
+
+    m = tiny(tie_embeddings=True).eval()
     assert m.lm_head.weight is m.embed_tokens.weight
-    save_model(m, tmp_path)
+    for name, data in native_weight_files(m).items():
+        (tmp_path / name).write_bytes(data)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "model_config.json").exists()
-    loaded = load_model(tmp_path).eval()
+    loaded = load_native_checkpoint(tmp_path, torch.device("cpu"))
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
     x = torch.randint(0, 97, (2, 12))
     torch.testing.assert_close(loaded(x), m(x))
@@ -94,3 +98,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
         m(x).sum().backward()
         grads.append(m.layers[0].mlp.up_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_several_tokens_on_a_filled_cache_without_a_mask_are_refused():
+    """Without a mask, 4 new queries over 12 + 4 keys would attend to each other's future: refuse."""
+    m = tiny()
+    x = torch.randint(0, 97, (2, 16))
+    cache = m.new_kv_cache(2, 16)
+    m(x[:, :12], kv_cache=cache)
+    with pytest.raises(ValueError, match=r"shape \(2, 4\) on a KV cache already holding 12 positions needs attn_mask "
+                                         r"\(B, 1, 4, 16\)"):
+        m(x[:, 12:], kv_cache=cache)
+    static = m.new_kv_cache(2, 16, static=True)
+    with pytest.raises(ValueError, match=r"shape \(2, 12\) on a StaticKVCache of 16 positions needs attn_mask"):
+        m(x[:, :12], position_ids=torch.arange(12).expand(2, -1), kv_cache=static)
+
+
+def test_chunked_prefill_with_a_causal_mask_equals_the_full_forward():
+    m = tiny()
+    x = torch.randint(0, 97, (2, 20))
+    full = m(x)
+    cache = m.new_kv_cache(2, 20)
+    parts = [m(x[:, :8], kv_cache=cache)]
+    for start in (8, 14):  # chunks of 6 new tokens, each seeing the cache and its own past
+        keys = torch.arange(start + 6)
+        mask = (keys[None, :] <= torch.arange(start, start + 6)[:, None])[None, None]
+        parts.append(m(x[:, start:start + 6], attn_mask=mask, kv_cache=cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)

@@ -1,7 +1,6 @@
 """Fine-tuning end to end: local HF models, both engines, export, LoRA and merge, SFT, FIM, bad input."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -36,6 +35,23 @@ def hf_models(corpus_dir, tmp_path_factory):
         m.save_pretrained(str(root / name))
         tok.save_pretrained(str(root / name))
     return root
+
+
+@pytest.fixture(scope="module")
+def other_families(hf_models):
+    """GPT-NeoX (fused query_key_value, a PEFT default) and Phi-3 (fused qkv_proj/gate_up_proj, no PEFT default)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(hf_models / "tok"))
+    ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128, **ids)
+    torch.manual_seed(0)
+    for name, m in {"gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(**shape)),
+                    "phi3": Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, **shape))}.items():
+        m.save_pretrained(str(hf_models / name))
+        tok.save_pretrained(str(hf_models / name))
+    return hf_models
 
 
 @pytest.mark.parametrize("arch,engine", [("llama", "native"), ("qwen2", "native"), ("gpt2", "hf"), ("llama", "hf")])
@@ -97,6 +113,7 @@ def test_lora_adapter_loads_in_peft_and_merge_matches(exported, corpus_dir, tmp_
     out = run_cli("train", "model=hf", f"model.path={exported}", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
                   "training.lr=0.01", "training.max_steps=6", *data_args(corpus_dir), f"run.dir={run}", *FAST)
     assert "trainable" in out.stdout
+    assert "lora: adapting q_proj, v_proj (4 layers; PEFT's default for llama)" in out.stdout  # in the native decoder
     counts = [json.loads(line) for line in (run / "metrics.ndjson").read_text().splitlines()][0]
     assert 0 < counts["trainable_parameters"] < counts["parameters"] / 5
     adapter = run / "checkpoints" / "step_00000006"
@@ -123,6 +140,79 @@ def test_lora_grad_accumulation_matches_the_large_batch(exported, corpus_dir, tm
     assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
 
 
+# the layers each architecture's default adapts (models/lora.py: PEFT's per-architecture list, else all-linear);
+# llama's (q_proj, v_proj) is checked by test_lora_adapter_loads_in_peft_and_merge_matches
+DEFAULT_TARGETS = {"native": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                   "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+                   "gpt_neox": ["query_key_value"], "phi3": ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(DEFAULT_TARGETS))
+def test_lora_default_targets_train_merge_and_reload(other_families, corpus_dir, tmp_path, arch):
+    """No lora.target_modules: the architecture's default; `codex-ml merge` equals the adapted model."""
+    from peft import PeftModel
+
+    from codex_ml.recipes.checkpoints import load_native_checkpoint
+    from codex_ml.recipes.models import BASE_WEIGHTS
+
+    run, merged_dir = tmp_path / "lora", tmp_path / "merged"
+    model = [*TINY_MODEL] if arch == "native" else ["model=hf", f"model.path={other_families / arch}"]
+    out = run_cli("train", *model, "lora.enabled=true", "lora.r=4", "lora.alpha=8", "training.lr=0.01",
+                  "training.max_steps=2", *data_args(corpus_dir), f"run.dir={run}", *FAST)
+    line = next(s for s in out.stdout.splitlines() if s.startswith("lora: adapting"))
+    assert line.startswith(f"lora: adapting {', '.join(DEFAULT_TARGETS[arch])} ({2 * len(DEFAULT_TARGETS[arch])} layers;")
+    adapter = run / "checkpoints" / "step_00000002"
+    assert (adapter / "adapter_config.json").exists()
+    run_cli("merge", f"run_dir={run}", f"out={merged_dir}")
+    if arch == "native":
+        base = lambda: load_native_checkpoint(adapter, torch.device("cpu"), weights_name=BASE_WEIGHTS)
+        logits = lambda m, x: m(x)
+    else:
+        base = lambda: AutoModelForCausalLM.from_pretrained(str(other_families / arch), dtype=torch.float32)
+        logits = lambda m, x: m(x).logits
+    adapted = PeftModel.from_pretrained(base(), str(adapter)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    x = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m = merged(x).logits
+        assert (logits(adapted, x) - m).abs().max() < 1e-4
+        assert (logits(base().eval(), x) - m).abs().max() > 1e-4  # the adapter trained
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected"])
+def test_a_lora_base_that_does_not_fit_is_refused(tmp_path, damage):
+    """A native LoRA checkpoint's frozen base must hold every weight (bar the tied head) and nothing else."""
+    from safetensors.torch import load, save
+
+    from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig
+    from codex_ml.models.lora import adapter_files, apply_lora, resolve_target_modules
+    from codex_ml.recipes.checkpoints import load_checkpoint_model
+    from codex_ml.recipes.models import BASE_WEIGHTS, SOURCE_FILE, native_weight_files
+    from codex_ml.training.checkpoint import CheckpointError, save_checkpoint
+
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, max_seq_len=32,
+                          tie_embeddings=True))
+    weights = native_weight_files(model)
+    lora = apply_lora(model, 2, 4, 0.0, resolve_target_modules(model, [], None).names, causal_lm=False)
+    source = json.dumps({"kind": "native", "path": None, "lora": True, "adapter_hf_names": False}).encode()
+
+    def checkpoint(step, base):
+        files = {**adapter_files(lora, hf_names=False, base_path=None), BASE_WEIGHTS: save(base),
+                 CONFIG_NAME: weights[CONFIG_NAME], SOURCE_FILE: source}
+        return save_checkpoint(tmp_path / "checkpoints", step, files)
+
+    base = load(weights[WEIGHTS_NAME])
+    assert "lm_head.weight" not in base  # tied: stored once, and that is allowed
+    load_checkpoint_model(tmp_path, checkpoint(1, base), torch.device("cpu"))
+    if damage == "missing":
+        del base["layers.1.mlp.down_proj.weight"]
+    else:
+        base["layers.1.mlp.extra.weight"] = torch.zeros(2)
+    with pytest.raises(CheckpointError, match=rf"{damage} \['layers\.1\.mlp\.(down_proj|extra)\.weight'\]"):
+        load_checkpoint_model(tmp_path, checkpoint(2, base), torch.device("cpu"))
+
+
 def test_sft_with_packing_on_the_native_decoder(exported, tmp_path):
     data = tmp_path / "sft.jsonl"
     rows = []
@@ -147,6 +237,8 @@ def test_fim_training_and_infilling(corpus_dir, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["model=hf", "model.path=/no/such/model"], "/no/such/model"),
     (["model=tiny", "lora.enabled=true", "lora.target_modules=[no_such_proj]"], "no_such_proj"),
+    (["model=hf", "model.path=HF", "lora.enabled=true", "lora.target_modules=[c_attn,v_proj]"],
+     "c_attn match no linear layer"),
     (["data.source=sft", "data.paths=[SFT]", "model=hf", "model.path=HF"], "sft.jsonl:2"),
 ])
 def test_bad_fine_tuning_input_is_refused_before_training(exported, corpus_dir, tmp_path, args, needle):
@@ -167,10 +259,38 @@ def test_a_model_dir_without_weights_is_refused(tmp_path):
     assert out.returncode == 2 and "no weights" in out.stderr
 
 
-def test_lora_without_peft_is_an_error_with_the_install_line(monkeypatch):
-    from codex_ml.errors import CodexError
-    from codex_ml.models.lora import require_peft
+@pytest.mark.slow
+def test_sft_grad_accumulation_with_unequal_targets_matches_the_large_batch(exported, tmp_path):
+    """Micro-batches of SFT rows hold different numbers of target tokens: accumulation must weight each
+    token alike (sum over all micro-batches / all their targets), not average the micro-batches' means."""
+    import numpy as np
+    import yaml
+    from safetensors.torch import load_file
 
-    monkeypatch.setitem(sys.modules, "peft", None)
-    with pytest.raises(CodexError, match="pip install peft"):
-        require_peft()
+    from codex_ml.data.rows import RowBatches, Rows
+
+    data = tmp_path / "sft.jsonl"
+    # completions from one line to several: rows (one example each) with very different target counts
+    records = [{"prompt": f"def f_{i}(x):\n", "completion": "    x = x + 1\n" * (1 + i % 5) + "    return x\n"}
+               for i in range(48)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["model=hf", f"model.path={exported}", "data.source=sft", f"data.paths=[{data}]", "data.seq_len=64",
+              "data.pack=false", "training.max_steps=3", "training.deterministic=true", "training.lr=0.01", *FAST]
+    big, acc = tmp_path / "big", tmp_path / "acc"
+    run_cli("train", *common, f"run.dir={big}", "training.batch_size=8")
+    run_cli("train", *common, f"run.dir={acc}", "training.batch_size=4", "training.grad_accum=2")
+
+    # the premise: the accumulated run's two micro-batches of a step differ in target tokens
+    rows_dir = json.loads((acc / "env.json").read_text())["dataset"]["path"]
+    rows = Rows(*(np.load(f"{rows_dir}/train_{n}.npy") for n in ("input_ids", "labels", "position_ids", "segments")))
+    seed = yaml.safe_load((acc / "config.yaml").read_text())["training"]["seed"]
+    micro = RowBatches(rows, 4, seed, native=True)
+    targets = [int((next(micro)["labels"] != -100).sum()) for _ in range(6)]
+    assert any(targets[2 * s] != targets[2 * s + 1] for s in range(3)), targets
+
+    assert losses(big) == pytest.approx(losses(acc), rel=1e-5) and len(losses(big)) == 3
+    final = lambda run: load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors"))
+    a, b = final(big), final(acc)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)

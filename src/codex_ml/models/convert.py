@@ -7,12 +7,13 @@ the half-rotation RoPE layout).
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from codex_ml.errors import CodexError
 from codex_ml.models.gpt import GPT, GPTConfig
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 
 class ConversionError(CodexError):
@@ -27,7 +28,7 @@ def to_native_name(hf: str) -> str:
     return hf[len("model."):] if hf.startswith("model.") else hf
 
 
-def llama_config(config: GPTConfig, **token_ids: Any):
+def llama_config(config: GPTConfig, **token_ids: Any) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -41,12 +42,12 @@ def llama_config(config: GPTConfig, **token_ids: Any):
     )
 
 
-def native_to_hf(model: GPT, **token_ids: Any):
+def native_to_hf(model: GPT, **token_ids: Any) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` with the native model's weights (fp32 unless the model is not)."""
     from transformers import LlamaForCausalLM
 
     dtype = model.lm_head.weight.dtype
-    hf = LlamaForCausalLM(llama_config(model.config, **token_ids)).to(dtype)
+    hf = LlamaForCausalLM(llama_config(model.config, **token_ids)).to(dtype)  # type: ignore[arg-type]  # transformers types .to() through a decorator that loses self
     state = {to_hf_name(k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
@@ -55,7 +56,7 @@ def native_to_hf(model: GPT, **token_ids: Any):
     return hf.eval() if not model.training else hf
 
 
-def gpt_config_from_llama(hf_config) -> GPTConfig:
+def gpt_config_from_llama(hf_config: PretrainedConfig) -> GPTConfig:
     """The native config of a Llama-family HF config; refuses what the native model lacks."""
     c = hf_config
     problems = []
@@ -83,7 +84,7 @@ def gpt_config_from_llama(hf_config) -> GPTConfig:
     )
 
 
-def hf_to_native(hf_model) -> GPT:
+def hf_to_native(hf_model: PreTrainedModel) -> GPT:
     """The native decoder with a Llama-family HF model's weights."""
     config = gpt_config_from_llama(hf_model.config)
     model = GPT(config).to(next(hf_model.parameters()).dtype)
@@ -93,8 +94,3 @@ def hf_to_native(hf_model) -> GPT:
     if missing or unexpected:
         raise ConversionError(f"weights do not map onto the native decoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model
-
-
-@torch.no_grad()
-def max_logit_difference(native: GPT, hf_model, input_ids: torch.Tensor) -> float:
-    return (native(input_ids) - hf_model(input_ids).logits).abs().max().item()

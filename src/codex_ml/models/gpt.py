@@ -6,15 +6,17 @@ Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` one to one
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 @dataclass
@@ -89,7 +91,8 @@ class KVCache:
     Rows of a batch share the same positions (prompts are left-padded by the caller).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None,
+                 dtype: torch.dtype | None) -> None:
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -121,7 +124,8 @@ class StaticKVCache(KVCache):
     the ones not written yet. Callers pass ``position_ids``.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None,
+                 dtype: torch.dtype | None) -> None:
         super().__init__(config, batch_size, max_len, device, dtype)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
 
@@ -135,7 +139,38 @@ class StaticKVCache(KVCache):
         self.slot.add_(n)
 
 
-def document_block_mask(segments: torch.Tensor):
+class SlotKVCache(KVCache):
+    """Independent sequences in the rows ("slots") of one cache, for continuous batching.
+
+    Each slot holds one sequence from its position 0, so sequences start and end at any step.
+    ``bind(rows, positions)`` says which slots the next forward call covers (a slice of the slot
+    axis, so the cache is viewed, not copied) and where each of their tokens goes; attention spans
+    all ``max_len`` positions of those slots and the caller's mask hides what a row may not see.
+    Callers pass ``position_ids`` and a mask; ``length`` stays 0.
+    """
+
+    def __init__(self, config: GPTConfig, n_slots: int, max_len: int, device: torch.device | str | None,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__(config, n_slots, max_len, device, dtype)
+        self.rows = slice(0, n_slots)
+        self.positions: torch.Tensor | None = None
+
+    def bind(self, rows: slice, positions: torch.Tensor) -> None:
+        """The slots ``rows`` run next; ``positions`` (n_rows, T): the cache position of each token."""
+        self.rows, self.positions = rows, positions
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.k[layer][self.rows], self.v[layer][self.rows]
+        row = torch.arange(keys.shape[0], device=k.device)[:, None]
+        keys[row, :, self.positions] = k.transpose(1, 2)  # (rows, T, heads, head_dim) at each row's positions
+        values[row, :, self.positions] = v.transpose(1, 2)
+        return keys, values
+
+    def advance(self, n: int) -> None:
+        pass  # positions are the caller's, per row (bind)
+
+
+def document_block_mask(segments: torch.Tensor) -> BlockMask:
     """A FlexAttention mask for packed rows: causal within each example (``segments`` ids, -1 padding).
 
     Padding positions attend to themselves only, so no row of attention is empty.
@@ -144,10 +179,22 @@ def document_block_mask(segments: torch.Tensor):
 
     B, T = segments.shape
 
-    def keep(b, h, q, k):
+    def keep(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return ((segments[b, q] == segments[b, k]) & (segments[b, k] >= 0) & (k <= q)) | (q == k)
 
     return create_block_mask(keep, B, None, T, T, device=segments.device)
+
+
+def _require_mask_for_cache(kv_cache: KVCache, shape: tuple[int, int], start: int) -> None:
+    """Without a mask, attention is causal only when queries and keys line up (an empty growing cache) or
+    when there is one query (it may see every key). Anything else would silently attend non-causally."""
+    T = shape[1]
+    if type(kv_cache) is not KVCache:  # static and slot caches: attention spans every position, written or not
+        raise ValueError(f"input of shape {shape} on a {type(kv_cache).__name__} of {kv_cache.max_len} positions "
+                         f"needs attn_mask (B, 1, {T}, {kv_cache.max_len}) hiding the positions a row may not see")
+    if start > 0 and T > 1:
+        raise ValueError(f"input of shape {shape} on a KV cache already holding {start} positions needs attn_mask "
+                         f"(B, 1, {T}, {start + T}): without one, {T} queries over {start + T} keys are not causal")
 
 
 class Attention(nn.Module):
@@ -161,7 +208,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.fused_qkv: torch.Tensor | None = None  # set by GPT.fuse_for_inference: one matmul instead of three
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         if self.fused_qkv is not None and not self.training:
             q, k, v = F.linear(x, self.fused_qkv).split(
@@ -214,12 +262,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPT(nn.Module):
+    # buffers made by register_buffer, declared for the type checker (nn.Module's __getattr__ says Tensor | Module)
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -251,7 +304,7 @@ class GPT(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMask | None = None,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
@@ -265,6 +318,8 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
+        if attn_mask is None and kv_cache is not None:
+            _require_mask_for_cache(kv_cache, (B, T), start)
         if position_ids is None:
             if start + T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
@@ -288,15 +343,19 @@ class GPT(nn.Module):
         per-call overhead dominates when there is one token per row. Used in eval mode only, and
         dropped by ``train()``, so training never sees stale copies."""
         with torch.no_grad():
-            for block in self.layers:
+            for block in self._blocks():
                 a, m = block.self_attn, block.mlp
                 a.fused_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
                 m.fused_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
         return self.eval()
 
+    def _blocks(self) -> list[Block]:
+        # nn.ModuleList yields plain Modules to the type checker; every entry is a Block (__init__)
+        return cast("list[Block]", list(self.layers))
+
     def unfuse(self) -> GPT:
         """Drop the copies made by ``fuse_for_inference``, so later weight updates cannot go unseen."""
-        for block in self.layers:
+        for block in self._blocks():
             block.self_attn.fused_qkv = block.mlp.fused_gate_up = None
         return self
 
@@ -326,30 +385,3 @@ class GPT(nn.Module):
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model_config.json"
-
-
-def save_model(model: GPT, directory: str | Path) -> None:
-    """Weights as safetensors plus the config as JSON; tied weights are stored once."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = GPTConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-    model = GPT(config)
-    state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_NAME}: missing {missing}, unexpected {unexpected}")
-    return model.to(device)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from codex_ml.models.gpt import CONFIG_NAME, GPT, GPTConfig
+from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig
 from codex_ml.recipes.models import BASE_WEIGHTS, SOURCE_FILE, _load_hf_weights, load_native_weights
 from codex_ml.runs import CHECKPOINTS_DIR, CONFIG_FILE, TOKENIZER_DIR, RunError
 from codex_ml.tokenizer.core import CodeTokenizer
@@ -74,17 +74,18 @@ def checkpoint_source(path: Path) -> dict:
     raise CheckpointError(f"{path}: neither {SOURCE_FILE} nor {CONFIG_NAME}; not a codex-ml checkpoint")
 
 
-def load_native_checkpoint(path: Path, device: torch.device) -> GPT:
+def load_native_checkpoint(path: Path, device: torch.device, weights_name: str = WEIGHTS_NAME) -> GPT:
+    """The native decoder in ``path``: its config, and weights that fit it exactly (bar a tied output head)."""
     try:
         config = GPTConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: not a native model config ({e})") from None
     model = GPT(config)
-    load_native_weights(model, path)
+    load_native_weights(model, path, weights_name)
     return model.to(device).eval()
 
 
-def _base_for_adapter(source: dict, run_dir: Path, path: Path):
+def _base_for_adapter(source: dict, run_dir: Path, path: Path) -> torch.nn.Module:
     """The frozen base a LoRA checkpoint adapts: a Hugging Face module, or the native decoder."""
     if source["kind"] in ("hf", "hf-native"):
         from codex_ml.models.hf import load_hf_causal_lm
@@ -95,12 +96,8 @@ def _base_for_adapter(source: dict, run_dir: Path, path: Path):
 
         return load_native_checkpoint(find_native_weights(Path(source["path"])), torch.device("cpu"))
     if (path / BASE_WEIGHTS).exists():
-        from safetensors.torch import load_file
-
-        config = GPTConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        model = GPT(config)
-        model.load_state_dict(load_file(str(path / BASE_WEIGHTS)), strict=False)
-        return model
+        # a base missing a weight would merge into a model with randomly initialised layers: refuse it
+        return load_native_checkpoint(path, torch.device("cpu"), weights_name=BASE_WEIGHTS)
     raise CheckpointError(f"{path}: a LoRA adapter whose base model cannot be found")
 
 
@@ -112,19 +109,19 @@ def load_checkpoint_model(run_dir: Path, path: Path, device: torch.device) -> to
         from peft import PeftModel
 
         base = _base_for_adapter(source, run_dir, path)
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()  # nosec B615  # a verified local checkpoint folder: PEFT reads its adapter from disk
         return model.to(device).eval()
     if source["kind"] == "hf":
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)  # nosec B615  # a verified local checkpoint folder, local_files_only: never the Hub
         model = AutoModelForCausalLM.from_config(config)
         _load_hf_weights(model, path)
         return model.to(device).eval()
     return load_native_checkpoint(path, device)
 
 
-def load_run_model(run_dir: Path, which: str | None, device: torch.device):
+def load_run_model(run_dir: Path, which: str | None, device: torch.device) -> tuple[torch.nn.Module, CodeTokenizer, Path]:
     """(model, tokenizer, checkpoint folder) of a run."""
     path = find_checkpoint(run_dir, which)
     model = load_checkpoint_model(run_dir, path, device)

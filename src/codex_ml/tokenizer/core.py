@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class CodeTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_id(self, token: str) -> int | None:
@@ -159,7 +160,7 @@ class CodeTokenizer:
         return cls(backend, eos, pad, kind=config.get("codex_ml_kind", "hf"))
 
 
-def _token_name(value) -> str | None:
+def _token_name(value: str | dict | None) -> str | None:
     if isinstance(value, dict):  # older files store AddedToken dicts
         return value.get("content")
     return value
@@ -170,7 +171,7 @@ def _converted_backend(directory: Path) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)  # nosec B615  # a local directory, local_files_only: never the Hub
     except Exception as e:  # transformers raises many types for unreadable directories
         raise TokenizerError(f"{directory}: no tokenizer.json, and transformers could not load a tokenizer ({e})") from None
     backend = getattr(hf, "backend_tokenizer", None)

@@ -47,11 +47,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str], 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
     """Train with the sentencepiece library, then express the model as a ``tokenizers`` Unigram."""
-    try:
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError as e:
-        raise ImportError("tokenizer.kind=sentencepiece needs sentencepiece: pip install sentencepiece") from e
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
     texts = list(texts)
     longest = max((len(t.encode("utf-8", "surrogatepass")) for t in texts), default=1)
@@ -76,9 +73,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, special_tokens: l
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    model = pb.ModelProto()
+    # the protobuf module builds its classes at import time: no attributes for a type checker to see
+    model = pb.ModelProto()  # type: ignore[attr-defined]
     model.ParseFromString(proto.getvalue())
-    piece = pb.ModelProto.SentencePiece
+    piece = pb.ModelProto.SentencePiece  # type: ignore[attr-defined]
     vocab = []
     for p in model.pieces:
         if p.type == piece.BYTE:

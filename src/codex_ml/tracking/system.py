@@ -11,12 +11,9 @@ class GpuProbe:
     """Utilisation, memory and power of every NVIDIA GPU; ``available`` is False without NVML or GPUs."""
 
     def __init__(self) -> None:
+        import pynvml
+
         self.handles, self.reason = [], ""
-        try:
-            import pynvml
-        except ImportError:
-            self.reason = "nvidia-ml-py is not installed"
-            return
         try:
             pynvml.nvmlInit()
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
@@ -47,7 +44,8 @@ class GpuProbe:
 class SystemMonitor:
     """Every ``every_s`` seconds, one ``system`` event with keys under ``system/``."""
 
-    def __init__(self, every_s: float, emit: Callable[[dict], None], current_step: Callable[[], int], say) -> None:
+    def __init__(self, every_s: float, emit: Callable[[dict], None], current_step: Callable[[], int],
+                 say: Callable[[str], None]) -> None:
         import psutil
 
         self.every_s, self.emit, self.current_step = every_s, emit, current_step
