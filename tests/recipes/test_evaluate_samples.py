@@ -35,6 +35,9 @@ def test_results_file_in_input_order_and_pass_at_k_printed(problems, tmp_path):
     write_jsonl(samples, rows)
     out = run_cli("evaluate-samples", f"samples={samples}", "k=[1,2,10]", "workers=2")
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"pass@1": 0.5, "pass@2": 1.0}
+    # k=10 is more than the 2 samples of each problem: said, with what was computed instead
+    assert "pass@k not computed for k=10: HumanEval/0 has only n=2 samples" in out.stderr
+    assert "computed: pass@1, pass@2" in out.stderr
     results = read_jsonl(tmp_path / "samples.jsonl_results.jsonl")
     assert [(r["task_id"], r["note"]) for r in results] == [(r["task_id"], r["note"]) for r in rows]
     assert [r["passed"] for r in results] == [True, False] * 3

@@ -1,7 +1,7 @@
 """System metrics: sampled in the background as `system` events; a machine without a GPU is said once, not an error."""
 
 import json
-import time
+import threading
 
 from codex_ml.tracking.system import GpuProbe, SystemMonitor
 
@@ -9,13 +9,18 @@ CPU_KEYS = {"system/cpu_percent", "system/process_cpu_percent", "system/process_
 
 
 def test_monitor_emits_system_events_in_the_background():
-    events, said = [], []
-    monitor = SystemMonitor(0.05, events.append, current_step=lambda: 7, say=said.append)
-    time.sleep(0.5)
+    events, said, three = [], [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if len(events) == 3:
+            three.set()
+
+    monitor = SystemMonitor(0.01, emit, current_step=lambda: 7, say=said.append)
+    # counted, not timed: wait (generously) for the third event, whatever the machine's load
+    assert three.wait(timeout=60), f"{len(events)} system events in 60 s at one per 0.01 s"
     monitor.stop()
-    count = len(events)
-    time.sleep(0.15)
-    assert len(events) == count >= 3  # nothing after stop
+    assert not monitor.thread.is_alive()  # stopped and joined: the sampler can emit nothing more
     for e in events:
         assert e["event"] == "system" and e["step"] == 7
         assert set(e) >= CPU_KEYS

@@ -9,9 +9,12 @@ is trained to predict it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from codex_ml.data.sources import jsonl_files, jsonl_records
 from codex_ml.errors import CodexError
@@ -61,7 +64,7 @@ class SftEncoder:
         from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)  # nosec B615  # a local tokenizer directory, local_files_only: never the Hub
         raw = tokenizer_dir / "tokenizer.json"
         self.raw = Tokenizer.from_file(str(raw)) if raw.exists() else self.hf.backend_tokenizer
         self.plain = Tokenizer.from_str(self.raw.to_str())
@@ -69,6 +72,14 @@ class SftEncoder:
         self.eos_id = self.hf.eos_token_id
         if self.eos_id is None:
             raise SftRecordError(f"{tokenizer_dir}: the tokenizer has no eos_token; SFT needs one to train stopping")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything this encoder's examples depend on: the tokenizer's vocabulary and rules,
+        the chat template as transformers resolved it (``tokenizer_config.json``, ``chat_template.jinja``
+        or ``chat_template.json``), and the special tokens the template sees. Equal fingerprints, equal examples."""
+        parts = {"tokenizer": self.raw.to_str(), "chat_template": getattr(self.hf, "chat_template", None),
+                 "special_tokens": self.hf.special_tokens_map, "eos_id": self.eos_id}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def encode(self, where: str, record: dict) -> Example:
         if check_record(where, record) == "completion":
@@ -81,7 +92,9 @@ class SftEncoder:
         if not getattr(self.hf, "chat_template", None):
             raise SftRecordError(f"{where}: the tokenizer has no chat template to render 'messages' with")
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            # tokenize=False makes it the rendered string; the stubs type the union of all modes
+            return cast(str, self.hf.apply_chat_template(messages, tokenize=False,
+                                                         add_generation_prompt=generation_prompt))
         except Exception as e:  # jinja raises TemplateError and friends; the template is the user's
             raise SftRecordError(f"{where}: the chat template failed to render this record "
                                  f"({e.__class__.__name__}: {e})") from None

