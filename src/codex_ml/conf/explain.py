@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from codex_ml.conf.store import SCHEMAS
 
 
-def _fields_at(schema, dotted: str) -> list[str] | None:
+def _fields_at(schema: type[Any], dotted: str) -> list[str] | None:
     """The keys allowed under ``dotted`` (a path of nested dataclasses), or None if not a section."""
     node = schema
     for part in [p for p in dotted.split(".") if p]:
         f = {f.name: f for f in dataclasses.fields(node)}.get(part)
-        if f is None or not dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
+        if f is None or not callable(f.default_factory) or not dataclasses.is_dataclass(f.default_factory()):
             return None
         node = type(f.default_factory())
     return [f.name for f in dataclasses.fields(node)]
@@ -42,7 +43,7 @@ def explain(exc: Exception, config_name: str) -> str:
     if m:
         group, option = m.groups()
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        allowed = f"; allowed: {', '.join(options)}" if options else ""
-        return f"{group}={option}: no such option in config group '{group}'{allowed}"
+        listed = f"; allowed: {', '.join(options)}" if options else ""
+        return f"{group}={option}: no such option in config group '{group}'{listed}"
     first = text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
     return f"bad override: {first}"

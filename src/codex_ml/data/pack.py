@@ -50,9 +50,11 @@ def _init_worker(tokenizer_file: str, fim: FimSettings | None = None) -> None:
 
 
 def _encode_batch(docs: list[tuple[str, str]]) -> list[list[int]]:
+    tokenizer = _worker_tokenizer
+    assert tokenizer is not None, "_init_worker sets the tokenizer in every pool worker"
     if _worker_fim is None:
-        return [e.ids for e in _worker_tokenizer.encode_batch([t for _, t in docs], add_special_tokens=False)]
-    encode = lambda text: _worker_tokenizer.encode(text, add_special_tokens=False).ids
+        return [e.ids for e in tokenizer.encode_batch([t for _, t in docs], add_special_tokens=False)]
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
     return [fim_encode(text, doc_id, _worker_fim, encode) for doc_id, text in docs]
 
 
@@ -132,7 +134,7 @@ def open_split(directory: Path, split: str, verify: bool = False) -> list[np.nda
     """The split's shards, memory-mapped, checked against the manifest's sizes (and SHA-256 if ``verify``)."""
     manifest = read_manifest(directory)
     dtype = np.dtype(manifest["dtype"])
-    arrays = []
+    arrays: list[np.ndarray] = []
     for shard in manifest["splits"][split]["shards"]:
         path = directory / shard["file"]
         expected = shard["tokens"] * dtype.itemsize

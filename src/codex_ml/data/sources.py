@@ -15,6 +15,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from codex_ml.errors import CodexError
 
@@ -163,10 +164,6 @@ class HFDiskSource:
     """A Hugging Face dataset saved with ``save_to_disk`` (a Dataset, or a DatasetDict's splits)."""
 
     def __init__(self, paths: list[str], text_field: str, id_field: str | None) -> None:
-        try:
-            import datasets  # noqa: F401
-        except ImportError as e:
-            raise DataSourceError("data.source=hf_disk needs the datasets package: pip install datasets") from e
         for given in paths:
             if not Path(given).expanduser().exists():
                 raise DataSourceError(f"data path {given} does not exist")
@@ -181,7 +178,7 @@ class HFDiskSource:
             files += [(f.relative_to(root).as_posix(), f) for f in sorted(root.rglob("*")) if f.is_file()]
         return _stat_fingerprint(files) + f"|{self.text_field}|{self.id_field}"
 
-    def _datasets(self):
+    def _datasets(self) -> Iterator[tuple[str, Any]]:
         import datasets
 
         for p in self.paths:
@@ -207,7 +204,8 @@ class HFDiskSource:
                 yield RawDocument(doc_id, text, len(text.encode("utf-8", "surrogatepass")))
 
 
-def open_source(source: str, paths: list[str], patterns: list[str], text_field: str, id_field: str | None):
+def open_source(source: str, paths: list[str], patterns: list[str], text_field: str,
+                id_field: str | None) -> FileSource | JsonlSource | HFDiskSource:
     """The source named by ``data.source``."""
     if source == "stdlib":
         return FileSource(stdlib_files(), f"the Python standard library at {stdlib_root()}")

@@ -24,7 +24,8 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
 def split_documents(docs: Iterable[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """(train, validation). When no document falls into validation (a tiny corpus), the one with
     the smallest hash goes there, so that validation loss always exists."""
-    train, val = [], []
+    train: list[Document] = []
+    val: list[Document] = []
     for doc in docs:
         (val if is_validation(doc.id, val_fraction) else train).append(doc)
     if not val and len(train) > 1:

@@ -1,0 +1,224 @@
+"""The safety stage between cleaning and the split: redaction, decontamination, near-duplicate removal.
+
+Each document is scanned once, in ``num_workers`` processes (0: this one): redacted (``redact.py``),
+matched against the benchmarks (``decontaminate.py``) and given its MinHash signature (``near_dedup.py``),
+all on the document alone, so the worker count changes nothing. Clustering the signatures then needs
+them all and runs here. A document the scan fails on is skipped with the reason counted, never the run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from codex_ml.data.clean import Document
+from codex_ml.data.decontaminate import BenchmarkItem, ContaminationIndex
+from codex_ml.data.near_dedup import DedupIndex, MinHasher, MinHashSettings, cluster_keep, content_key
+from codex_ml.data.redact import RedactionError, placeholders_with, redact_document
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    redact: bool = True
+    detectors: tuple[str, ...] = ("secrets", "email", "ip_address")
+    placeholders: tuple[tuple[str, str], ...] = ()  # kind -> placeholder overrides
+    near_dedup: bool = True
+    minhash: MinHashSettings = MinHashSettings()
+    benchmarks: tuple[str, ...] = ("humaneval",)
+    decontaminate_ngram: int = 10
+    decontaminate_overlap: float = 0.5
+
+
+@dataclass
+class SafetyReport:
+    redact: bool = True
+    near_dedup: bool = True
+    benchmarks: list[str] = field(default_factory=list)
+    findings: Counter = field(default_factory=Counter)  # kind -> findings redacted
+    redacted_documents: int = 0
+    failed: Counter = field(default_factory=Counter)  # reason -> documents skipped because the scan failed
+    failed_examples: list[str] = field(default_factory=list)
+    near_duplicates: int = 0
+    contaminated: list[dict] = field(default_factory=list)  # one per dropped document: its id and matches
+    seconds: float = 0.0
+
+    def summary(self, redact_report: str | None = None) -> str:
+        if self.redact:
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.findings.items())) or "none"
+            line = (f"redaction: {sum(self.findings.values())} findings in {self.redacted_documents} documents "
+                    f"({kinds})")
+            lines = [line + (f"; report: {redact_report}" if redact_report else "")]
+        else:
+            lines = ["redaction: off (data.redact=false): secrets and personal data stay in the data"]
+        if self.failed:
+            lines.append(f"skipped {sum(self.failed.values())} documents the scan failed on: "
+                         + ", ".join(f"{r} {n}" for r, n in sorted(self.failed.items()))
+                         + f" (e.g. {', '.join(self.failed_examples[:3])})")
+        if self.benchmarks:
+            named = "; ".join(f"{c['document']} ({', '.join(sorted({m['item'] for m in c['matches']}))})"
+                              for c in self.contaminated[:10])
+            more = f" and {len(self.contaminated) - 10} more" if len(self.contaminated) > 10 else ""
+            lines.append(f"decontamination ({', '.join(self.benchmarks)}): dropped {len(self.contaminated)} documents"
+                         + (f": {named}{more}" if named else ""))
+        else:
+            lines.append("decontamination: off (data.decontaminate=[])")
+        lines.append(f"near-dedup: dropped {self.near_duplicates} near-duplicates" if self.near_dedup
+                     else "near-dedup: off (data.near_dedup=false)")
+        if self.redact or self.near_dedup or self.benchmarks:
+            lines[-1] += f" (safety stage {self.seconds:.1f}s)"
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"redaction": {"enabled": self.redact, "findings": dict(self.findings),
+                              "documents": self.redacted_documents},
+                "scan_failed": dict(self.failed), "near_dedup": {"enabled": self.near_dedup,
+                                                                 "dropped": self.near_duplicates},
+                "decontamination": {"benchmarks": self.benchmarks, "dropped": self.contaminated},
+                "seconds": round(self.seconds, 2)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SafetyReport:
+        return cls(d["redaction"]["enabled"], d["near_dedup"]["enabled"], d["decontamination"]["benchmarks"],
+                   Counter(d["redaction"]["findings"]), d["redaction"]["documents"], Counter(d["scan_failed"]), [],
+                   d["near_dedup"]["dropped"], d["decontamination"]["dropped"], d["seconds"])
+
+
+@dataclass
+class _Scanned:
+    text: str | None  # None: skipped
+    findings: list  # (line, kind, detector)
+    matches: list  # Contamination
+    signature: np.ndarray | None
+    failure: str | None = None
+
+
+class _Scanner:
+    def __init__(self, settings: SafetySettings, items: list[BenchmarkItem]) -> None:
+        self.settings = settings
+        self.placeholders = placeholders_with(dict(settings.placeholders))
+        self.contamination = (ContaminationIndex(items, settings.decontaminate_ngram, settings.decontaminate_overlap)
+                              if settings.benchmarks else None)
+        self.hasher = MinHasher(settings.minhash) if settings.near_dedup else None
+
+    def scan(self, text: str) -> _Scanned:
+        s = self.settings
+        try:
+            findings = []
+            if s.redact:
+                redacted = redact_document(text, s.detectors, self.placeholders)
+                text, findings = redacted.text, [(f.line, f.kind, f.detector) for f in redacted.findings]
+            matches = self.contamination.matches(text) if self.contamination else []
+            signature = self.hasher.signature(text) if self.hasher and not matches else None
+        except RedactionError:
+            return _Scanned(None, [], [], None, "redaction_breaks_syntax")
+        except Exception as e:  # a detector's bug on one document must not stop the corpus: counted, skipped
+            return _Scanned(None, [], [], None, f"scan_error:{type(e).__name__}")
+        return _Scanned(text, findings, matches, signature)
+
+
+_worker: _Scanner | None = None
+
+
+def _init_worker(settings: SafetySettings, items: list[BenchmarkItem]) -> None:
+    global _worker
+    _worker = _Scanner(settings, items)
+
+
+def _scan_batch(texts: list[str]) -> list[_Scanned]:
+    assert _worker is not None, "_init_worker sets the scanner in every pool worker"
+    return [_worker.scan(t) for t in texts]
+
+
+def _batches(docs: list[Document], max_chars: int = 1 << 19) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for d in docs:
+        batch.append(d.text)
+        size += len(d.text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _scan_all(docs: list[Document], settings: SafetySettings, items: list[BenchmarkItem],
+              num_workers: int) -> Iterable[_Scanned]:
+    if num_workers == 0 or len(docs) < 2:
+        scanner = _Scanner(settings, items)
+        for d in docs:
+            yield scanner.scan(d.text)
+        return
+    ctx = multiprocessing.get_context("spawn")  # as in pack.py: no fork of a process holding thread pools
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(settings, items)) as pool:
+        for scanned in pool.imap(_scan_batch, _batches(docs)):
+            yield from scanned
+
+
+def make_safe(docs: list[Document], settings: SafetySettings, items: list[BenchmarkItem], num_workers: int,
+              report: SafetyReport, redactions: list[dict], index_dir: Path | None = None) -> list[Document]:
+    """The documents of ``docs`` to train on, redacted, in their order; counts go to ``report``, one row per
+    redaction to ``redactions`` (file, line, kind, detector). ``index_dir``: the near-dedup index of earlier
+    runs, loaded from and saved back to it."""
+    report.redact, report.near_dedup, report.benchmarks = settings.redact, settings.near_dedup, list(settings.benchmarks)
+    if not (settings.redact or settings.near_dedup or settings.benchmarks):
+        return docs
+    start = time.perf_counter()
+    kept: list[Document] = []
+    signatures: list[np.ndarray | None] = []
+    for doc, scanned in zip(docs, _scan_all(docs, settings, items, num_workers)):
+        if scanned.failure:
+            report.failed[scanned.failure] += 1
+            if len(report.failed_examples) < 3:
+                report.failed_examples.append(doc.id)
+            continue
+        if scanned.findings:
+            report.redacted_documents += 1
+            for line, kind, detector in scanned.findings:
+                report.findings[kind] += 1
+                redactions.append({"file": doc.id, "line": line, "kind": kind, "detector": detector})
+        if scanned.matches:
+            report.contaminated.append({"document": doc.id, "matches": [
+                {"benchmark": m.benchmark, "item": m.item, "field": m.field, "method": m.method, "score": m.score}
+                for m in scanned.matches]})
+            continue
+        assert scanned.text is not None  # None only with a failure, skipped above
+        kept.append(Document(doc.id, scanned.text))
+        signatures.append(scanned.signature)
+    if settings.near_dedup:
+        kept = _drop_near_duplicates(kept, signatures, settings.minhash, report, index_dir)
+    report.seconds = time.perf_counter() - start
+    return kept
+
+
+def _drop_near_duplicates(docs: list[Document], signatures: list[np.ndarray | None], minhash: MinHashSettings,
+                          report: SafetyReport, index_dir: Path | None) -> list[Document]:
+    index = DedupIndex.load(index_dir, minhash) if index_dir else DedupIndex.empty(minhash)
+    keys = [content_key(d.id, d.text) for d in docs]
+    current_ids = {d.id for d in docs}
+    earlier = set(zip(index.ids, index.keys))
+    # an index entry for a document of this corpus is that document (its current version wins); the others
+    # are documents an earlier run kept, which later files are deduplicated against
+    outside = [i for i, doc_id in enumerate(index.ids) if doc_id not in current_ids]
+    has_sig = [i for i, s in enumerate(signatures) if s is not None]
+    n_cur = len(has_sig)
+    sigs = np.stack([signatures[i] for i in has_sig] + [index.signatures[i] for i in outside]) \
+        if has_sig or outside else np.zeros((0, minhash.num_perm), dtype=np.uint32)
+    all_keys = [keys[i] for i in has_sig] + [index.keys[i] for i in outside]
+    prior = np.array([(docs[i].id, keys[i]) in earlier for i in has_sig] + [True] * len(outside), dtype=bool)
+    result = cluster_keep(sigs, all_keys, minhash.threshold, prior)
+    drop = {has_sig[j] for j in range(n_cur) if not result.keep[j]}
+    report.near_duplicates = len(drop)
+    kept = [d for i, d in enumerate(docs) if i not in drop]
+    if index_dir is not None:
+        kept_rows = [j for j in range(n_cur) if result.keep[j]]
+        ids = [docs[has_sig[j]].id for j in kept_rows] + [index.ids[i] for i in outside]
+        new_keys = [keys[has_sig[j]] for j in kept_rows] + [index.keys[i] for i in outside]
+        rows = np.concatenate([sigs[kept_rows], sigs[n_cur:]]) if len(sigs) else sigs
+        DedupIndex(ids, new_keys, rows.astype(np.uint32), minhash).save(index_dir)
+    return kept

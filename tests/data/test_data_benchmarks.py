@@ -1,0 +1,35 @@
+"""The data benchmarks run at smoke size: their tables, figures and last lines are there and parse."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def smoke(script: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], cwd=BENCHMARKS, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_redaction_benchmark_smoke():
+    out = smoke("redaction.py")
+    rows = re.findall(r"^\| (\w+) \| (\d+) \| (\d+) \| ([0-9.]+) \|$", out, re.M)
+    assert len(rows) == 13 and all(int(p) > 0 for _, p, _, _ in rows), out
+    last = re.search(r"recall: ([0-9.]+); precision: ([0-9.]+); parse rate: ([0-9.]+); ([0-9.]+) MB/s", out)
+    assert last and float(last.group(4)) > 0, out
+    assert float(last.group(3)) == 1.0, out  # redaction never breaks a file that parsed
+
+
+@pytest.mark.slow
+def test_near_dedup_benchmark_smoke():
+    out = smoke("near_dedup.py")
+    rows = dict(re.findall(r"^\| (datatrove[^|]*|codex-ml[^|]*?) +\| ([0-9.]+) \|", out, re.M))
+    assert len(rows) == 2 and all(float(v) > 0 for v in rows.values()), out
+    assert re.fullmatch(r"ratio: [0-9.]+", out.strip().splitlines()[-1]), out
