@@ -8,14 +8,20 @@ values and runs its recipe. Mistakes a user can fix end in one line on stderr, n
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING, Any
 
+from codex_ml.conf.overrides import VALIDATORS, quote_text_overrides
 from codex_ml.errors import CodexError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from codex_ml.conf.schema import GenerateConfig, TokenizerCommandConfig, TrainConfig
 
 
 @dataclass
@@ -25,7 +31,7 @@ class Command:
     run: Callable  # (typed config) -> result; imported lazily so --help stays fast
 
 
-def _train(cfg):
+def _train(cfg: TrainConfig) -> float:
     from codex_ml.recipes.train import final_metric, train
     from codex_ml.sweep import sweep_context
 
@@ -34,40 +40,50 @@ def _train(cfg):
     return final_metric(metrics, cfg.training.best_metric)
 
 
-def _prepare(cfg):
+def _prepare(cfg: TrainConfig) -> None:
     from codex_ml.recipes.prepare_command import prepare_command
 
     prepare_command(cfg)
 
 
-def _config(cfg):
+def _config(cfg: TrainConfig) -> None:
     from omegaconf import OmegaConf
 
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
 
 
-def _tokenizer(cfg):
+def _tokenizer(cfg: TokenizerCommandConfig) -> None:
     from pathlib import Path
 
     from codex_ml.recipes.prepare import train_tokenizer_only
 
+    assert cfg.out is not None  # validate_tokenizer_command requires it
     out = Path(cfg.out).expanduser().resolve()
     tok = train_tokenizer_only(cfg.data, cfg.tokenizer, out)
     print(f"tokenizer: {len(tok)} tokens ({cfg.tokenizer.kind}) saved to {out}")
 
 
-def _generate(cfg):
+def _generate(cfg: GenerateConfig) -> None:
     from codex_ml.recipes.generate import generate_command
 
     generate_command(cfg)
 
 
-def _recipe(module: str, function: str):
+def _recipe(module: str, function: str) -> Callable[[Any], Any]:
     """A command implemented by ``codex_ml.recipes.<module>.<function>(cfg)``, imported when run."""
-    def run(cfg):
+    def run(cfg: Any) -> Any:
         import importlib
 
         return getattr(importlib.import_module(f"codex_ml.recipes.{module}"), function)(cfg)
+    return run
+
+
+def _serve(module: str, function: str) -> Callable[[Any], Any]:
+    """A command implemented by ``codex_ml.serve.<module>.<function>(cfg)``, imported when run."""
+    def run(cfg: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(f"codex_ml.serve.{module}"), function)(cfg)
     return run
 
 
@@ -87,17 +103,12 @@ COMMANDS: dict[str, Command] = {
                      _recipe("export", "merge_command")),
     "report": Command("report", "write RUN/report.html: plots, tables, config, environment", _recipe("report", "report_command")),
     "compare": Command("compare", "compare runs: run_dirs=[A,B] [out=compare.html]", _recipe("report", "compare_command")),
+    "serve": Command("serve", "an OpenAI-compatible HTTP server: run_dir=RUN [serve.host=127.0.0.1 serve.port=8000]",
+                     _serve("server", "serve_command")),
+    "keys": Command("keys", "the server's API keys: keys create|list|revoke [name=NAME] [serve.keys_db=FILE]",
+                    _serve("keys_command", "keys_command")),
 }
 
-# Keys whose values are free text (code prompts): passed to Hydra quoted, so that parentheses,
-# commas and ${...} in code are text, not override syntax or interpolations.
-TEXT_KEYS = {"prompt", "suffix", "training.sample_prompt"}
-
-VALIDATORS = {
-    "train": "validate_train", "tokenizer_command": "validate_tokenizer_command", "generate": "validate_generate",
-    "evaluate": "validate_evaluate", "evaluate_samples": "validate_evaluate_samples", "report": "validate_report",
-    "compare": "validate_compare", "export": "validate_export",
-}
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -134,10 +145,10 @@ def print_help() -> None:
     print("\n".join(lines))
 
 
-def _task(name: str):
+def _task(name: str) -> Callable[[DictConfig], Any]:
     command = COMMANDS[name]
 
-    def task(cfg):
+    def task(cfg: DictConfig) -> Any:
         from omegaconf import OmegaConf
 
         from codex_ml.conf import schema
@@ -152,23 +163,6 @@ def _task(name: str):
             sys.exit(2)
 
     return task
-
-
-def hydra_quote(text: str) -> str:
-    """A Hydra quoted string whose value, after OmegaConf resolution, is exactly ``text``."""
-    out = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)  # backslashes before a quote, and the quote
-    out = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, out)  # backslashes before the closing quote
-    out = out.replace("${", "\\${")  # not an interpolation
-    return f"'{out}'"
-
-
-def quote_text_overrides(args: list[str]) -> list[str]:
-    out = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        already = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-        out.append(f"{key}={hydra_quote(value)}" if sep and key in TEXT_KEYS and not already else arg)
-    return out
 
 
 def _check_overrides(config_name: str, args: list[str]) -> None:
@@ -212,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     name, rest = args[0], args[1:]
+    if name == "keys" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest = [f"action={rest[0]}", *rest[1:]]  # `keys create name=x`: the action is a word, not key=value
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)} (codex-ml --help)", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ from codex_ml.conf.schema import (
     EvaluateSamplesConfig,
     ExportConfig,
     GenerateConfig,
+    KeysConfig,
     ReportConfig,
+    ServeCommandConfig,
     TokenizerCommandConfig,
     TrainConfig,
 )
@@ -18,7 +20,8 @@ from codex_ml.conf.schema import (
 SCHEMAS = {"train_schema": TrainConfig, "tokenizer_command_schema": TokenizerCommandConfig,
            "generate_schema": GenerateConfig, "evaluate_schema": EvaluateConfig,
            "evaluate_samples_schema": EvaluateSamplesConfig, "report_schema": ReportConfig,
-           "compare_schema": CompareConfig, "export_schema": ExportConfig}
+           "compare_schema": CompareConfig, "export_schema": ExportConfig,
+           "serve_schema": ServeCommandConfig, "keys_schema": KeysConfig}
 
 
 def register_schemas() -> None:

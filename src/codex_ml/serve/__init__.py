@@ -1,0 +1,1 @@
+"""`codex-ml serve`: an OpenAI-compatible HTTP server over one continuous-batching scheduler."""

@@ -1,0 +1,123 @@
+"""Recipe: `codex-ml serve`, a run's model behind the OpenAI-compatible API until SIGTERM.
+
+Loads the model (a native run, a ``model=hf`` or LoRA run merged, or an exported Hugging Face folder
+with ``serve.model_path``; Llama-family models run in the native decoder, which the scheduler needs),
+refuses unsafe set-ups (no auth off loopback, a public address without keys), prints the URL and the
+model id, and serves. SIGTERM (or Ctrl-C) stops accepting, lets in-flight requests finish within
+``serve.drain_timeout_s``, stops the jobs' workers so they checkpoint, and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from codex_ml.conf.schema import ServeCommandConfig, ServeConfig, is_loopback
+from codex_ml.errors import CodexError
+from codex_ml.models.gpt import GPT
+from codex_ml.serve.app import AppSettings, create_app
+from codex_ml.serve.auth import KeyStore
+from codex_ml.serve.generation import ServedModel
+from codex_ml.serve.limits import Caps
+from codex_ml.serve.request_log import REQUEST_LOG_FILE, RequestLog
+from codex_ml.serve.scheduler import Scheduler
+from codex_ml.tokenizer.core import CodeTokenizer
+from codex_ml.training.device import resolve_device
+
+
+def load_served_model(cfg: ServeCommandConfig, device: torch.device) -> tuple[GPT, CodeTokenizer, Path, str]:
+    """(native model in eval mode, tokenizer, tokenizer folder, model id)."""
+    if cfg.serve.model_path:
+        from codex_ml.models.hf import load_hf_causal_lm
+
+        path = Path(cfg.serve.model_path).expanduser().resolve()
+        model, tok_dir, default_id = load_hf_causal_lm(path, torch.float32, torch.device("cpu")), path, path.name
+    else:
+        from codex_ml.recipes.checkpoints import load_run_model
+        from codex_ml.runs import TOKENIZER_DIR
+
+        run_dir = Path(cfg.run_dir).expanduser().resolve()
+        model, _, _ = load_run_model(run_dir, cfg.checkpoint, torch.device("cpu"))
+        tok_dir, default_id = run_dir / TOKENIZER_DIR, run_dir.name
+    if not isinstance(model, GPT):
+        from codex_ml.models.convert import hf_to_native
+
+        model = hf_to_native(model)  # ConversionError (a CodexError) names what the native decoder lacks
+    model = model.to(device).eval()
+    if device.type == "cpu":
+        model.fuse_for_inference()  # as codex-ml generate decodes on CPU: one matmul for q/k/v, one for gate/up
+    return model, CodeTokenizer.load(tok_dir), tok_dir, cfg.serve.model_id or default_id
+
+
+def check_exposure(s: ServeConfig, keys: KeyStore | None) -> None:
+    """No auth off loopback (also checked with the config), and no public address without a key."""
+    if keys is None:
+        return
+    if keys.active_count() == 0:
+        if not is_loopback(s.host):
+            raise CodexError(f"serve.host={s.host} is not a loopback address and {keys.path} holds no active key: "
+                             "create one first (codex-ml keys create name=NAME)")
+        print(f"note: {keys.path} holds no active key; every request but /health will get 401 "
+              "(codex-ml keys create name=NAME)", flush=True)
+
+
+def build(cfg: ServeCommandConfig, quiet: bool = False):
+    """(ASGI app, FastAPI app, model id) for ``cfg``: everything but the listening socket."""
+    s = cfg.serve
+    device = resolve_device(cfg.device)
+    model, tokenizer, tok_dir, model_id = load_served_model(cfg, device)
+    keys = KeyStore(s.keys_db) if s.auth else None
+    check_exposure(s, keys)
+    state_dir = Path(s.keys_db).expanduser().resolve().parent
+    from codex_ml.serve.jobs import JobManager
+
+    jobs = JobManager(state_dir, runs_root=s.runs_root, data_root=s.data_root)
+    scheduler = Scheduler(model, tokenizer, s.max_batch, s.max_queue)
+    served = ServedModel(model_id, tokenizer, tok_dir, scheduler)
+    settings = AppSettings(Caps(s.max_tokens, s.max_n, s.max_prompts, s.max_stop, s.max_stop_chars, s.max_logprobs),
+                           s.max_body_bytes, s.requests_per_minute, s.tokens_per_minute, s.max_concurrent_per_key,
+                           s.redact_output, quiet=quiet)
+    request_log = RequestLog(state_dir / REQUEST_LOG_FILE) if s.log_requests else None
+    app, asgi = create_app(served, settings, keys, jobs, request_log)
+    metrics = app.state.metrics
+    scheduler.on_first_token = metrics.time_to_first_token.observe
+    scheduler.on_finished = metrics.on_finished
+    scheduler.start()
+    return asgi, app, model_id
+
+
+_LOG_CONFIG = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+                "uvicorn.error": {"level": "WARNING"}, "uvicorn.access": {"handlers": [], "propagate": False}},
+}
+
+
+def serve_command(cfg: ServeCommandConfig) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after a graceful shutdown (exit status 143); a drained server exits 0
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    asgi, _, model_id = build(cfg)
+    s = cfg.serve
+    config = uvicorn.Config(asgi, host=s.host, port=s.port, log_config=_LOG_CONFIG, access_log=False,
+                            timeout_graceful_shutdown=s.drain_timeout_s, lifespan="on", server_header=False)
+    host = f"[{s.host}]" if ":" in s.host else s.host
+    print(f"serving model {model_id} at http://{host}:{s.port}/v1 (OpenAI-compatible; health at /health)", flush=True)
+    Server(config).run()
+    print("server stopped", file=sys.stderr, flush=True)
