@@ -29,8 +29,9 @@ def prepared_windows(seq_len: int, vocab_size: int):
     from codex_ml.data.pack import open_split
     from codex_ml.recipes.prepare import prepare_data
 
-    prepared = prepare_data(DataConfig(seq_len=seq_len, num_workers=2), TokenizerConfig(vocab_size=vocab_size),
-                            log=lambda m: None)
+    prepared = prepare_data(
+        DataConfig(seq_len=seq_len, num_workers=2), TokenizerConfig(vocab_size=vocab_size), log=lambda m: None
+    )
     return prepared, TokenStream(open_split(prepared.directory, "train"))
 
 
@@ -63,8 +64,18 @@ def step_clock():
     return Clock()
 
 
-def run_our_loop(module, loss_sum, stream, steps: int, warmup: int, batch_size: int, seq_len: int, lr: float,
-                 precision: str, device: torch.device) -> float:
+def run_our_loop(
+    module,
+    loss_sum,
+    stream,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    precision: str,
+    device: torch.device,
+) -> float:
     """Tokens/s of codex-ml's loop on ``module`` after ``warmup`` steps."""
     from codex_ml.data.loader import PackedBatches
     from codex_ml.training.device import autocast_factory
@@ -80,8 +91,19 @@ def run_our_loop(module, loss_sum, stream, steps: int, warmup: int, batch_size: 
             stamps[event["step"]] = time.perf_counter()
 
     settings = LoopSettings(max_steps=steps, log_every=1, eval_every=0, checkpoint_every=10**9)
-    Trainer(module, loss_sum, opt, sched, PackedBatches(stream, seq_len, batch_size, seed=0), settings, device,
-            evaluate=lambda **_: {}, save=lambda s: None, emit=emit, autocast=autocast_factory(device, precision)).run()
+    Trainer(
+        module,
+        loss_sum,
+        opt,
+        sched,
+        PackedBatches(stream, seq_len, batch_size, seed=0),
+        settings,
+        device,
+        evaluate=lambda **_: {},
+        save=lambda s: None,
+        emit=emit,
+        autocast=autocast_factory(device, precision),
+    ).run()
     return (steps - warmup) * batch_size * seq_len / (stamps[steps] - stamps[warmup])
 
 
@@ -99,8 +121,9 @@ def run_variants(script: str, variants: dict[str, str], passthrough: list[str], 
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(rounds):
         for variant in variants:
-            out = subprocess.run([sys.executable, script, f"--variant={variant}", *passthrough],
-                                 capture_output=True, text=True, check=False)
+            out = subprocess.run(
+                [sys.executable, script, f"--variant={variant}", *passthrough], capture_output=True, text=True, check=False
+            )
             if out.returncode != 0:
                 sys.exit(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
             results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -109,5 +132,7 @@ def run_variants(script: str, variants: dict[str, str], passthrough: list[str], 
 
 def machine_line() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
-    return (f"machine: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}")
+    return (
+        f"machine: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}"
+    )

@@ -65,10 +65,23 @@ def run_reference(path: Path, stream, args, device: torch.device) -> float:
     clock = step_clock()
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
-            lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
-            logging_steps=10, save_strategy="no", report_to=[], use_cpu=device.type == "cpu", seed=0,
-            dataloader_num_workers=0, disable_tqdm=True, bf16=args.precision == "bf16",
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=10,
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=device.type == "cpu",
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            bf16=args.precision == "bf16",
         )
         Trainer(model=model, args=targs, train_dataset=WindowDataset(stream, args.seq_len), callbacks=[clock]).train()
     s = clock.stamps
@@ -85,8 +98,18 @@ def run_codex_ml(path: Path, stream, args, device: torch.device) -> float:
     cfg.model.kind, cfg.model.path = "hf", str(path)
     cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules = True, 8, 16, TARGETS
     bundle = build_model(cfg, 0, device, log=lambda m: None)
-    return run_our_loop(bundle.module, bundle.loss_sum_with(bundle.module), stream, args.steps, args.warmup,
-                        args.batch_size, args.seq_len, args.lr, args.precision, device)
+    return run_our_loop(
+        bundle.module,
+        bundle.loss_sum_with(bundle.module),
+        stream,
+        args.steps,
+        args.warmup,
+        args.batch_size,
+        args.seq_len,
+        args.lr,
+        args.precision,
+        device,
+    )
 
 
 def main() -> None:
@@ -119,13 +142,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "llama"
         save_base_model(model_dir, prepared.tokenizer_dir, len(prepared.tokenizer), max(args.seq_len, 128))
-        print(f"model: Llama checkpoint of the tiny preset's shape; LoRA r=8 alpha=16 on {len(TARGETS)} projections; "
-              f"batch {args.batch_size} x {args.seq_len}; {args.steps} steps timed after {args.warmup}; {args.precision}; "
-              f"{args.rounds} interleaved round(s), each side in its own process")
+        print(
+            f"model: Llama checkpoint of the tiny preset's shape; LoRA r=8 alpha=16 on {len(TARGETS)} projections; "
+            f"batch {args.batch_size} x {args.seq_len}; {args.steps} steps timed after {args.warmup}; {args.precision}; "
+            f"{args.rounds} interleaved round(s), each side in its own process"
+        )
         print(machine_line())
-        passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch-size={args.batch_size}",
-                       f"--seq-len={args.seq_len}", f"--lr={args.lr}", f"--precision={args.precision}",
-                       f"--model-dir={model_dir}"] + (["--smoke"] if args.smoke else [])
+        passthrough = [
+            f"--steps={args.steps}",
+            f"--warmup={args.warmup}",
+            f"--batch-size={args.batch_size}",
+            f"--seq-len={args.seq_len}",
+            f"--lr={args.lr}",
+            f"--precision={args.precision}",
+            f"--model-dir={model_dir}",
+        ] + (["--smoke"] if args.smoke else [])
         res = run_variants(__file__, VARIANTS, passthrough, args.rounds)
     anchor = res["peft-trainer"]["tokens_per_s"]
     print(f"\n| {'variant':<40} | tokens/s | peak memory (MB) | vs reference |")

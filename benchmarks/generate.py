@@ -30,8 +30,11 @@ def build(args, device: torch.device, dtype: torch.dtype):
     from codex_ml.models.convert import native_to_hf
     from codex_ml.models.gpt import GPT, GPTConfig
 
-    shape = dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048, vocab_size=50304) if args.base else \
-        dict(n_layer=4, n_head=6, n_kv_head=6, d_model=192, d_ff=512, vocab_size=4096)
+    shape = (
+        dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048, vocab_size=50304)
+        if args.base
+        else dict(n_layer=4, n_head=6, n_kv_head=6, d_model=192, d_ff=512, vocab_size=4096)
+    )
     if args.smoke:
         shape = dict(n_layer=2, n_head=2, n_kv_head=2, d_model=32, d_ff=64, vocab_size=256)
     torch.manual_seed(0)
@@ -84,35 +87,47 @@ def main() -> None:
     tok = _Ids()
     prompt = " ".join(str(5 + i % 200) for i in range(args.prompt_len))
     ids = torch.tensor([tok.encode(prompt)], device=device)
-    print(f"model: {'base (GPT-2-124M scale)' if args.base else 'tiny'} shape, {native.num_params():,} parameters "
-          f"besides embeddings, {str(dtype).replace('torch.', '')}; prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens, greedy; best of {args.repeats}")
+    print(
+        f"model: {'base (GPT-2-124M scale)' if args.base else 'tiny'} shape, {native.num_params():,} parameters "
+        f"besides embeddings, {str(dtype).replace('torch.', '')}; prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, greedy; best of {args.repeats}"
+    )
     print(machine_line())
     rows, headline = [], {}
     for batch in args.batch:
+
         def hf_run(cache=None, b=batch):
             extra = {"cache_implementation": cache} if cache else {}
-            return hf.generate(ids.expand(b, -1), attention_mask=torch.ones_like(ids).expand(b, -1),
-                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                               pad_token_id=0, **extra)
+            return hf.generate(
+                ids.expand(b, -1),
+                attention_mask=torch.ones_like(ids).expand(b, -1),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **extra,
+            )
 
         def ours(compile, b=batch):
-            return generate(native, tok, [prompt],
-                            SamplingSettings(max_new_tokens=args.new_tokens, temperature=0, n=b, compile=compile))
+            return generate(
+                native, tok, [prompt], SamplingSettings(max_new_tokens=args.new_tokens, temperature=0, n=b, compile=compile)
+            )
 
-        variants = {"HF generate (dynamic cache)": lambda: hf_run(),
-                    "HF generate (static cache)": lambda: hf_run("static"),
-                    "codex-ml (KV cache, eager)": lambda: ours(False),
-                    "codex-ml (static cache, compiled)": lambda: ours(True)}
+        variants = {
+            "HF generate (dynamic cache)": lambda: hf_run(),
+            "HF generate (static cache)": lambda: hf_run("static"),
+            "codex-ml (KV cache, eager)": lambda: ours(False),
+            "codex-ml (static cache, compiled)": lambda: ours(True),
+        }
         results = {}
         with torch.no_grad():
             for name, fn in variants.items():
                 fn()  # warm-up: compilation, CUDA graph capture, allocator
                 best, out = min((time_it(fn, device) for _ in range(args.repeats)), key=lambda r: r[0])
                 results[name] = (batch * args.new_tokens / best, out)
-        reference = results["HF generate (dynamic cache)"][1][0, args.prompt_len:].tolist()
+        reference = results["HF generate (dynamic cache)"][1][0, args.prompt_len :].tolist()
         for name, (_, out) in results.items():
-            got = out[0, args.prompt_len:].tolist() if isinstance(out, torch.Tensor) else out[0][0].token_ids
+            got = out[0, args.prompt_len :].tolist() if isinstance(out, torch.Tensor) else out[0][0].token_ids
             if got != reference:
                 raise SystemExit(f"{name} generated different tokens than HF generate at batch {batch}")
         anchor = results["HF generate (dynamic cache)"][0]
@@ -124,8 +139,10 @@ def main() -> None:
     print(f"|-------|{'-' * 36}|----------|---------------|")
     for batch, name, tps, ratio in rows:
         print(f"| {batch:5d} | {name:<34} | {tps:8.0f} | {ratio:12.2f}x |")
-    print(f"\nratio: {headline[args.batch[0]]:.2f}  (codex-ml static cache + compiled step over HF generate's "
-          f"default, batch {args.batch[0]})")
+    print(
+        f"\nratio: {headline[args.batch[0]]:.2f}  (codex-ml static cache + compiled step over HF generate's "
+        f"default, batch {args.batch[0]})"
+    )
 
 
 if __name__ == "__main__":

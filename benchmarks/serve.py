@@ -67,9 +67,15 @@ def anchor_app(model_dir: str):
 
         def run():
             with lock, torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=body["max_tokens"],
-                                     do_sample=False, streamer=streamer, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=body["max_tokens"],
+                    do_sample=False,
+                    streamer=streamer,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
                 counted["n"] = out.shape[1] - ids.shape[1]
 
         worker = threading.Thread(target=run)
@@ -96,8 +102,14 @@ async def one_request(client, url: str, prompt: str, max_tokens: int, model: str
     start = time.perf_counter()
     first = None
     tokens = 0
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             raise SystemExit(f"{url} answered {r.status_code}: {(await r.aread())[:200]!r}")
@@ -121,6 +133,7 @@ async def load(url: str, prompts: list[str], max_tokens: int, model: str, rate: 
     rng = random.Random(0)
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+
         async def gated(p):
             async with gate:
                 return await one_request(client, url, p, max_tokens, model)
@@ -133,8 +146,12 @@ async def load(url: str, prompts: list[str], max_tokens: int, model: str, rate: 
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
     wall = max(r["end"] for r in results) - start
-    return {"requests_per_s": len(results) / wall, "output_tokens_per_s": sum(r["tokens"] for r in results) / wall,
-            "ttft": [r["ttft"] for r in results], "tpot": [r["tpot"] for r in results]}
+    return {
+        "requests_per_s": len(results) / wall,
+        "output_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "ttft": [r["ttft"] for r in results],
+        "tpot": [r["tpot"] for r in results],
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -183,7 +200,7 @@ def code_prompts(n: int, max_chars: int) -> list[str]:
     for i in range(n):
         text = files[i % len(files)].read_text(encoding="utf-8", errors="replace")
         start = rng.randrange(0, max(1, len(text) - max_chars))
-        out.append(text[start:start + rng.randint(max_chars // 8, max_chars)])
+        out.append(text[start : start + rng.randint(max_chars // 8, max_chars)])
     return out
 
 
@@ -209,27 +226,58 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="codex-ml-bench-serve-") as tmp:
         tmp = Path(tmp)
         run_dir, hf_dir = tmp / "runs" / "tiny", tmp / "hf"
-        train = [*CLI, "train", "model=tiny", f"run.dir={run_dir}", f"training.max_steps={args.train_steps}",
-                 "data.seq_len=64", "tracking.mlflow=false", "training.sample_tokens=0", "training.eval_every=0",
-                 f"training.checkpoint_every={args.train_steps}"]
+        train = [
+            *CLI,
+            "train",
+            "model=tiny",
+            f"run.dir={run_dir}",
+            f"training.max_steps={args.train_steps}",
+            "data.seq_len=64",
+            "tracking.mlflow=false",
+            "training.sample_tokens=0",
+            "training.eval_every=0",
+            f"training.checkpoint_every={args.train_steps}",
+        ]
         if args.smoke:
             corpus = tmp / "corpus"
             corpus.mkdir()
             for f in sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.stat().st_size > 4000)[:15]:
                 (corpus / f.name).write_bytes(f.read_bytes())
-            train += [*SMOKE_MODEL, "data.source=files", f"data.paths=[{corpus}]", "tokenizer.vocab_size=400",
-                      "data.num_workers=0", "training.batch_size=4", f"data.cache_dir={tmp / 'cache'}"]
+            train += [
+                *SMOKE_MODEL,
+                "data.source=files",
+                f"data.paths=[{corpus}]",
+                "tokenizer.vocab_size=400",
+                "data.num_workers=0",
+                "training.batch_size=4",
+                f"data.cache_dir={tmp / 'cache'}",
+            ]
         run(train, timeout=900)
         run([*CLI, "export", f"run_dir={run_dir}", f"out={hf_dir}"], timeout=300)
         prompts = code_prompts(args.requests, 120 if args.smoke else 160)
         ours_port, anchor_port = free_port(), free_port()
         servers = {
-            "codex-ml serve": ([*CLI, "serve", f"run_dir={run_dir}", "serve.host=127.0.0.1", f"serve.port={ours_port}",
-                                "serve.auth=false", "serve.max_batch=32", "serve.max_concurrent_per_key=1000",
-                                "serve.requests_per_minute=1000000", "serve.tokens_per_minute=1000000000",
-                                f"serve.keys_db={tmp / 'keys.db'}", "device=cpu"], ours_port),
-            "FastAPI + HF generate": ([sys.executable, __file__, "--anchor-app", str(hf_dir), "--port", str(anchor_port)],
-                                      anchor_port),
+            "codex-ml serve": (
+                [
+                    *CLI,
+                    "serve",
+                    f"run_dir={run_dir}",
+                    "serve.host=127.0.0.1",
+                    f"serve.port={ours_port}",
+                    "serve.auth=false",
+                    "serve.max_batch=32",
+                    "serve.max_concurrent_per_key=1000",
+                    "serve.requests_per_minute=1000000",
+                    "serve.tokens_per_minute=1000000000",
+                    f"serve.keys_db={tmp / 'keys.db'}",
+                    "device=cpu",
+                ],
+                ours_port,
+            ),
+            "FastAPI + HF generate": (
+                [sys.executable, __file__, "--anchor-app", str(hf_dir), "--port", str(anchor_port)],
+                anchor_port,
+            ),
         }
         levels = [(f"Poisson {r:g}/s", r, concurrency) for r in args.rates] + [(f"concurrency {concurrency}", None, concurrency)]
         results = {}
@@ -244,21 +292,27 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(60)
     shape = "a 2-layer smoke shape" if args.smoke else "the tiny preset"
-    print(f"model: {shape} ({args.train_steps} training steps), fp32 on CPU; {args.requests} streamed "
-          f"code completions per level, greedy, max_tokens {args.max_tokens}")
+    print(
+        f"model: {shape} ({args.train_steps} training steps), fp32 on CPU; {args.requests} streamed "
+        f"code completions per level, greedy, max_tokens {args.max_tokens}"
+    )
     print(machine_line())
     print(f"\n| {'load':<16} | {'server':<22} | req/s | out tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) |")
     print(f"|{'-' * 18}|{'-' * 24}|-------|-----------|---------------------------|---------------------------|")
     for (name, level), r in results.items():
         ttft = " / ".join(f"{pct(r['ttft'], q) * 1000:.0f}" for q in (50, 90, 99))
         tpot = " / ".join(f"{pct(r['tpot'], q) * 1000:.1f}" for q in (50, 90, 99))
-        print(f"| {level:<16} | {name:<22} | {r['requests_per_s']:5.2f} | {r['output_tokens_per_s']:9.0f} | {ttft:>25} | "
-              f"{tpot:>25} |")
+        print(
+            f"| {level:<16} | {name:<22} | {r['requests_per_s']:5.2f} | {r['output_tokens_per_s']:9.0f} | {ttft:>25} | "
+            f"{tpot:>25} |"
+        )
     top = f"concurrency {concurrency}"
     ours, anchor = (results[(name, top)]["output_tokens_per_s"] for name in ("codex-ml serve", "FastAPI + HF generate"))
     ratio = ours / anchor
-    print(f"\nour server / FastAPI + HF generate, output tokens/s at {concurrency} concurrent clients; "
-          f"median TTFT {statistics.median(results[('codex-ml serve', top)]['ttft']) * 1000:.0f} ms")
+    print(
+        f"\nour server / FastAPI + HF generate, output tokens/s at {concurrency} concurrent clients; "
+        f"median TTFT {statistics.median(results[('codex-ml serve', top)]['ttft']) * 1000:.0f} ms"
+    )
     print(f"ratio: {ratio:.2f}")
 
 

@@ -39,10 +39,17 @@ VARIANTS = {
 
 def train_args(args, run_dir: Path) -> list[str]:
     return [
-        "model=tiny", f"data.seq_len={args.seq_len}", f"training.batch_size={args.batch_size}",
-        f"training.max_steps={args.steps}", f"training.log_every={args.log_every}", "training.eval_every=0",
-        "training.eval_batches=2", f"training.checkpoint_every={10 ** 6}", "training.sample_tokens=0",
-        f"run.dir={run_dir}", *(["tokenizer.vocab_size=1024", "data.num_workers=0"] if args.smoke else []),
+        "model=tiny",
+        f"data.seq_len={args.seq_len}",
+        f"training.batch_size={args.batch_size}",
+        f"training.max_steps={args.steps}",
+        f"training.log_every={args.log_every}",
+        "training.eval_every=0",
+        "training.eval_batches=2",
+        f"training.checkpoint_every={10**6}",
+        "training.sample_tokens=0",
+        f"run.dir={run_dir}",
+        *(["tokenizer.vocab_size=1024", "data.num_workers=0"] if args.smoke else []),
     ]
 
 
@@ -78,28 +85,33 @@ def main() -> None:
         args.steps, args.warmup, args.batch_size, args.seq_len, args.log_every, args.repeats = 12, 4, 8, 64, 2, 1
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
     with tempfile.TemporaryDirectory(prefix="tracking-overhead-") as tmp:
         work = Path(tmp)
         # build (or find in the cache) the tokenizer and packed data once, outside the timings
         cli(["prepare", *train_args(args, work / "prepare")], work / "prepare.log")
-        print(f"model: tiny preset; batch {args.batch_size} x {args.seq_len} tokens; {args.steps} steps, the first "
-              f"{args.warmup} left out; each run its own process; {args.repeats} interleaved repeat(s) of each variant")
+        print(
+            f"model: tiny preset; batch {args.batch_size} x {args.seq_len} tokens; {args.steps} steps, the first "
+            f"{args.warmup} left out; each run its own process; {args.repeats} interleaved repeat(s) of each variant"
+        )
         print(machine_line())
         results: dict[str, list[float]] = {v: [] for v in VARIANTS}
         pair_ratios = []
         names = list(VARIANTS)
         for i in range(args.repeats):
             pair = {}
-            for variant in (names if i % 2 == 0 else names[::-1]):  # ABBA: drift in machine load cancels out
+            for variant in names if i % 2 == 0 else names[::-1]:  # ABBA: drift in machine load cancels out
                 run_dir = work / "runs" / f"{variant.replace(' ', '-')}-{i}"
                 cli(["train", *train_args(args, run_dir), *VARIANTS[variant]], work / f"{run_dir.name}.log")
                 rates = interval_rates(run_dir, args.warmup, args.log_every)
                 results[variant] += rates
                 pair[variant] = statistics.median(rates)
             pair_ratios.append(pair["all sinks"] / pair["ndjson only"])
-            print(f"  pair {i + 1}: " + ", ".join(f"{v} {pair[v]:.0f} tokens/s" for v in names)
-                  + f" (medians of {len(rates)} intervals); ratio {pair_ratios[-1]:.3f}", flush=True)
+            print(
+                f"  pair {i + 1}: "
+                + ", ".join(f"{v} {pair[v]:.0f} tokens/s" for v in names)
+                + f" (medians of {len(rates)} intervals); ratio {pair_ratios[-1]:.3f}",
+                flush=True,
+            )
 
     median = {v: statistics.median(r) for v, r in results.items()}
     print(f"\n| {'variant':<12} | tokens/s (median) | intervals | slowest  | fastest  |")
@@ -107,9 +119,11 @@ def main() -> None:
     for variant, values in results.items():
         print(f"| {variant:<12} | {median[variant]:17.0f} | {len(values):9d} | {min(values):8.0f} | {max(values):8.0f} |")
     print(f"\nmedians over all intervals: all sinks / ndjson only = {median['all sinks'] / median['ndjson only']:.3f}")
-    print(f"ratio: {statistics.median(pair_ratios):.3f}  (all sinks over metrics.ndjson only, median of {len(pair_ratios)} "
-          "interleaved pairs; 1.0 = no overhead)" + (" [--smoke: runs too short to leave MLflow's start-up out]"
-                                                     if args.smoke else ""))
+    print(
+        f"ratio: {statistics.median(pair_ratios):.3f}  (all sinks over metrics.ndjson only, median of {len(pair_ratios)} "
+        "interleaved pairs; 1.0 = no overhead)"
+        + (" [--smoke: runs too short to leave MLflow's start-up out]" if args.smoke else "")
+    )
 
 
 if __name__ == "__main__":

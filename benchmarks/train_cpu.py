@@ -45,10 +45,23 @@ def run_hf_trainer(model, stream, args, compile: bool) -> float:
     clock = step_clock()
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-            learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.1,
-            adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to=[],
-            use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, torch_compile=compile,
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=10,
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            torch_compile=compile,
             bf16=args.precision == "bf16",
         )
         Trainer(model=model, args=targs, train_dataset=WindowDataset(stream, args.seq_len), callbacks=[clock]).train()
@@ -75,8 +88,18 @@ def measure(variant: str, args) -> float:
     compile = variant.endswith("compile")
     if variant.startswith("ours"):
         loss_sum = native_loss_sum(torch.compile(native) if compile else native)
-        return run_our_loop(native, loss_sum, stream, args.steps, args.warmup, args.batch_size, args.seq_len, args.lr,
-                            args.precision, torch.device("cpu"))
+        return run_our_loop(
+            native,
+            loss_sum,
+            stream,
+            args.steps,
+            args.warmup,
+            args.batch_size,
+            args.seq_len,
+            args.lr,
+            args.precision,
+            torch.device("cpu"),
+        )
     return run_hf_trainer(native_to_hf(native), stream, args, compile)
 
 
@@ -87,8 +110,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the same for every variant; auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the same for every variant; auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the median counts")
     p.add_argument("--smoke", action="store_true", help="a few steps of a smaller batch")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one measurement, in a child process
@@ -102,12 +129,20 @@ def main() -> None:
         return
 
     prepared_windows(args.seq_len, 1024 if args.smoke else 4096)  # build the cached data once, outside the timings
-    print(f"model: tiny preset; batch {args.batch_size} x {args.seq_len} tokens; {args.steps} steps timed after "
-          f"{args.warmup}; {args.precision}, AdamW, cosine; each variant in its own process, {args.rounds} "
-          "interleaved round(s)")
+    print(
+        f"model: tiny preset; batch {args.batch_size} x {args.seq_len} tokens; {args.steps} steps timed after "
+        f"{args.warmup}; {args.precision}, AdamW, cosine; each variant in its own process, {args.rounds} "
+        "interleaved round(s)"
+    )
     print(machine_line())
-    passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch-size={args.batch_size}",
-                   f"--seq-len={args.seq_len}", f"--lr={args.lr}", f"--precision={args.precision}"]
+    passthrough = [
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--batch-size={args.batch_size}",
+        f"--seq-len={args.seq_len}",
+        f"--lr={args.lr}",
+        f"--precision={args.precision}",
+    ]
     passthrough += ["--smoke"] if args.smoke else []
     median = {v: r["tokens_per_s"] for v, r in run_variants(__file__, VARIANTS, passthrough, args.rounds).items()}
     anchor = median["hf"]

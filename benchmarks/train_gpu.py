@@ -87,14 +87,25 @@ def measure(variant: str, args) -> dict:
     if variant.startswith("hf"):
         from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=s["vocab"], n_embd=s["d_model"], n_layer=s["n_layer"],
-                                           n_head=s["n_head"], n_positions=s["seq"]))
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=s["vocab"], n_embd=s["d_model"], n_layer=s["n_layer"], n_head=s["n_head"], n_positions=s["seq"])
+        )
         clock = step_clock()
         with tempfile.TemporaryDirectory() as out:
-            targs = TrainingArguments(output_dir=out, per_device_train_batch_size=s["batch"], max_steps=steps,
-                                      learning_rate=6e-4, bf16=args.bf16, save_strategy="no", report_to=[],
-                                      logging_steps=50, disable_tqdm=True, use_cpu=device.type == "cpu",
-                                      torch_compile=variant == "hf-compile", optim="adamw_torch_fused")
+            targs = TrainingArguments(
+                output_dir=out,
+                per_device_train_batch_size=s["batch"],
+                max_steps=steps,
+                learning_rate=6e-4,
+                bf16=args.bf16,
+                save_strategy="no",
+                report_to=[],
+                logging_steps=50,
+                disable_tqdm=True,
+                use_cpu=device.type == "cpu",
+                torch_compile=variant == "hf-compile",
+                optim="adamw_torch_fused",
+            )
             Trainer(model=model, args=targs, train_dataset=RandomTokens(s["vocab"], s["seq"]), callbacks=[clock]).train()
         elapsed = clock.stamps[steps] - clock.stamps[warmup]
         n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
@@ -111,8 +122,18 @@ def measure(variant: str, args) -> dict:
 
         tune_allocator()
         # SwiGLU's d_ff (2048 at width 768) gives the parameters of GPT-2's 4x GELU MLP
-        model = GPT(GPTConfig(vocab_size=s["vocab"], n_layer=s["n_layer"], n_head=s["n_head"], n_kv_head=s["n_head"],
-                              d_model=s["d_model"], d_ff=s["d_ff"], max_seq_len=s["seq"], tie_embeddings=True)).to(device)
+        model = GPT(
+            GPTConfig(
+                vocab_size=s["vocab"],
+                n_layer=s["n_layer"],
+                n_head=s["n_head"],
+                n_kv_head=s["n_head"],
+                d_model=s["d_model"],
+                d_ff=s["d_ff"],
+                max_seq_len=s["seq"],
+                tie_embeddings=True,
+            )
+        ).to(device)
         model.gradient_checkpointing = variant == "ours-ckpt"
         opt = build_optimizer(model, 6e-4, 0.1, (0.9, 0.95), 1e-8, device.type)
         sched = build_scheduler(opt, 10, steps, "cosine", 0.1)
@@ -125,17 +146,26 @@ def measure(variant: str, args) -> dict:
                 stamps[e["step"]] = time.perf_counter()
 
         loss_sum = native_loss_sum(torch.compile(model), fused=device.type != "cuda")
-        Trainer(model, loss_sum, opt, sched, RandomBatches(s["vocab"], s["seq"], s["batch"], device.type == "cuda"),
-                LoopSettings(max_steps=steps, log_every=1, checkpoint_every=10**9), device, evaluate=lambda **_: {},
-                save=lambda st: None, emit=emit, autocast=autocast_factory(device, "bf16" if args.bf16 else "fp32")).run()
+        Trainer(
+            model,
+            loss_sum,
+            opt,
+            sched,
+            RandomBatches(s["vocab"], s["seq"], s["batch"], device.type == "cuda"),
+            LoopSettings(max_steps=steps, log_every=1, checkpoint_every=10**9),
+            device,
+            evaluate=lambda **_: {},
+            save=lambda st: None,
+            emit=emit,
+            autocast=autocast_factory(device, "bf16" if args.bf16 else "fp32"),
+        ).run()
         elapsed = stamps[steps] - stamps[warmup]
         flops = model.flops_per_token(s["seq"])
     tps = (steps - warmup) * tokens / elapsed
     from codex_ml.training.device import peak_flops
 
     peak = peak_flops(device, "bf16" if args.bf16 else "fp32")
-    return {"tokens_per_s": tps, "mfu": tps * flops / peak if peak else float("nan"),
-            "peak_memory_mb": peak_memory_mb(device)}
+    return {"tokens_per_s": tps, "mfu": tps * flops / peak if peak else float("nan"), "peak_memory_mb": peak_memory_mb(device)}
 
 
 def main() -> None:
@@ -154,12 +184,15 @@ def main() -> None:
         print(json.dumps(measure(args.variant, args)))
         return
     s = shape(args)
-    print(f"shape: {s['n_layer']} layers, {s['n_head']} heads, width {s['d_model']}, vocab {s['vocab']}, batch "
-          f"{s['batch']} x {s['seq']}; {'bf16' if args.bf16 else 'fp32'}; {args.steps} steps timed after {args.warmup}")
+    print(
+        f"shape: {s['n_layer']} layers, {s['n_head']} heads, width {s['d_model']}, vocab {s['vocab']}, batch "
+        f"{s['batch']} x {s['seq']}; {'bf16' if args.bf16 else 'fp32'}; {args.steps} steps timed after {args.warmup}"
+    )
     print(machine_line())
     passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}"] + (["--smoke"] if args.smoke else [])
-    variants = {v: name for v, name in VARIANTS.items()
-                if v != "ours-large" or torch.cuda.is_available() or args.smoke}  # 350M params: GPU only
+    variants = {
+        v: name for v, name in VARIANTS.items() if v != "ours-large" or torch.cuda.is_available() or args.smoke
+    }  # 350M params: GPU only
     res = run_variants(__file__, variants, passthrough, args.rounds)
     anchor = res["hf-compile"]["tokens_per_s"]
     print(f"\n| {'variant':<42} | tokens/s | MFU    | peak memory (MB) | vs compiled HF |")

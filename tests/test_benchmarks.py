@@ -16,8 +16,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @functools.cache  # one smoke run per script, however many tests read it
 def run_smoke(script: str) -> str:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], cwd=BENCHMARKS, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke"],
+        cwd=BENCHMARKS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
 
@@ -41,22 +47,48 @@ def agrees(printed: float, numerator: float, denominator: float, decimals: int =
     """``printed`` equals numerator / denominator, up to the rounding of all three as printed
     (throughputs to whole tokens/s, the ratio to ``decimals`` places)."""
     quotient = numerator / denominator
-    slack = 0.5 * 10 ** -decimals + quotient * (0.5 / numerator + 0.5 / denominator) + 1e-9
+    slack = 0.5 * 10**-decimals + quotient * (0.5 / numerator + 0.5 / denominator) + 1e-9
     return abs(printed - quotient) <= slack
 
 
 # script, the rows its table must have, the throughput column, the ratio's numerator row (None: the best
 # row other than the anchor), its anchor row, and the column that compares each row with the anchor
 SMOKE = [
-    ("generate.py", ["HF generate (dynamic cache)", "HF generate (static cache)", "codex-ml (KV cache, eager)",
-                     "codex-ml (static cache, compiled)"],
-     "tokens/s", "codex-ml (static cache, compiled)", "HF generate (dynamic cache)", "vs HF dynamic"),
-    ("packed_sft.py", ["padded, one example per row", "packed, dense mask (sdpa)"],
-     "effective tokens/s", None, "padded, one example per row", "vs padded"),
-    ("train_gpu.py", ["HF Trainer, GPT2LMHeadModel, defaults", "HF Trainer, torch_compile=True",
-                      "codex-ml loop, base, compiled", "codex-ml loop, + activation checkpointing",
-                      "codex-ml loop, large preset, batch 8 x 1024"],
-     "tokens/s", "codex-ml loop, base, compiled", "HF Trainer, torch_compile=True", "vs compiled HF"),
+    (
+        "generate.py",
+        [
+            "HF generate (dynamic cache)",
+            "HF generate (static cache)",
+            "codex-ml (KV cache, eager)",
+            "codex-ml (static cache, compiled)",
+        ],
+        "tokens/s",
+        "codex-ml (static cache, compiled)",
+        "HF generate (dynamic cache)",
+        "vs HF dynamic",
+    ),
+    (
+        "packed_sft.py",
+        ["padded, one example per row", "packed, dense mask (sdpa)"],
+        "effective tokens/s",
+        None,
+        "padded, one example per row",
+        "vs padded",
+    ),
+    (
+        "train_gpu.py",
+        [
+            "HF Trainer, GPT2LMHeadModel, defaults",
+            "HF Trainer, torch_compile=True",
+            "codex-ml loop, base, compiled",
+            "codex-ml loop, + activation checkpointing",
+            "codex-ml loop, large preset, batch 8 x 1024",
+        ],
+        "tokens/s",
+        "codex-ml loop, base, compiled",
+        "HF Trainer, torch_compile=True",
+        "vs compiled HF",
+    ),
 ]
 
 
@@ -82,6 +114,7 @@ def test_benchmark_smoke_run_prints_every_variant_and_its_ratio(script, rows, sp
 
 def test_packed_rows_hold_far_less_padding_than_one_example_per_row():
     out = run_smoke("packed_sft.py")
-    padding = {name.strip(): float(share) for name, share in
-               re.findall(r"^\| ([a-zA-Z ,()]+?)\s*\|\s*\d+ \|\s*([0-9.]+)%", out, re.M)}
+    padding = {
+        name.strip(): float(share) for name, share in re.findall(r"^\| ([a-zA-Z ,()]+?)\s*\|\s*\d+ \|\s*([0-9.]+)%", out, re.M)
+    }
     assert padding["padded, one example per row"] > 3 * padding["packed, dense mask (sdpa)"], out

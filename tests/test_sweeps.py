@@ -21,8 +21,15 @@ def final_metric(run: Path, key: str) -> float:
 
 def test_optuna_sweep_gives_one_run_per_trial_and_names_the_best(corpus_dir, tmp_path):
     root = tmp_path / "runs"
-    out = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "training.lr=interval(0.0005,0.01)",
-                  *sweep_args(corpus_dir, root, ["tracking.mlflow=true"]), cwd=tmp_path)
+    out = run_cli(
+        "train",
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "training.lr=interval(0.0005,0.01)",
+        *sweep_args(corpus_dir, root, ["tracking.mlflow=true"]),
+        cwd=tmp_path,
+    )
     [sweep] = root.glob("sweep-*")
     trials = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in trials] == ["0", "1"]
@@ -46,14 +53,21 @@ def test_optuna_sweep_gives_one_run_per_trial_and_names_the_best(corpus_dir, tmp
     for r in runs:
         assert r.data.tags["sweep"] == str(sweep) and r.data.tags["sweep.sweeper"] == "optuna"
         assert r.data.tags["codex_ml.run_dir"] == str(sweep / r.data.tags["sweep.job"])
-        assert r.data.params["training.lr"] == [o for o in r.data.tags["sweep.overrides"].split()
-                                                if o.startswith("training.lr=")][0].split("=")[1]
+        assert (
+            r.data.params["training.lr"]
+            == [o for o in r.data.tags["sweep.overrides"].split() if o.startswith("training.lr=")][0].split("=")[1]
+        )
 
 
 def test_grid_sweep_best_by_the_configured_metric_and_direction(corpus_dir, tmp_path):
     root = tmp_path / "runs"
-    out = run_cli("train", "-m", "training.lr=0.001,0.01",
-                  *sweep_args(corpus_dir, root, ["training.best_metric=val_accuracy", "training.best_mode=max"]), cwd=tmp_path)
+    out = run_cli(
+        "train",
+        "-m",
+        "training.lr=0.001,0.01",
+        *sweep_args(corpus_dir, root, ["training.best_metric=val_accuracy", "training.best_mode=max"]),
+        cwd=tmp_path,
+    )
     [sweep] = root.glob("sweep-*")
     values = {int(t.name): final_metric(t, "val_accuracy") for t in sweep.iterdir() if t.is_dir()}
     assert sorted(values) == [0, 1]

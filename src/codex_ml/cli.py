@@ -71,19 +71,23 @@ def _generate(cfg: GenerateConfig) -> None:
 
 def _recipe(module: str, function: str) -> Callable[[Any], Any]:
     """A command implemented by ``codex_ml.recipes.<module>.<function>(cfg)``, imported when run."""
+
     def run(cfg: Any) -> Any:
         import importlib
 
         return getattr(importlib.import_module(f"codex_ml.recipes.{module}"), function)(cfg)
+
     return run
 
 
 def _serve(module: str, function: str) -> Callable[[Any], Any]:
     """A command implemented by ``codex_ml.serve.<module>.<function>(cfg)``, imported when run."""
+
     def run(cfg: Any) -> Any:
         import importlib
 
         return getattr(importlib.import_module(f"codex_ml.serve.{module}"), function)(cfg)
+
     return run
 
 
@@ -93,22 +97,35 @@ COMMANDS: dict[str, Command] = {
     "tokenizer": Command("tokenizer_command", "train a tokenizer alone and save it to out=DIR", _tokenizer),
     "generate": Command("generate", "sample from a run: run_dir=RUN prompt=... [max_new_tokens=N temperature=T]", _generate),
     "config": Command("train", "print the resolved training config (with your overrides)", _config),
-    "evaluate": Command("evaluate", "evaluate a run's checkpoint: tasks=[loss,humaneval] (writes RUN/eval/)",
-                        _recipe("evaluate", "evaluate_command")),
-    "evaluate-samples": Command("evaluate_samples", "judge HumanEval-format completions in the sandbox: samples=FILE",
-                                _recipe("evaluate_samples", "evaluate_samples_command")),
-    "export": Command("export", "write a run as a Hugging Face model directory: run_dir=RUN out=DIR",
-                      _recipe("export", "export_command")),
-    "merge": Command("export", "merge a LoRA run's adapter into its base model: run_dir=RUN out=DIR",
-                     _recipe("export", "merge_command")),
+    "evaluate": Command(
+        "evaluate",
+        "evaluate a run's checkpoint: tasks=[loss,humaneval] (writes RUN/eval/)",
+        _recipe("evaluate", "evaluate_command"),
+    ),
+    "evaluate-samples": Command(
+        "evaluate_samples",
+        "judge HumanEval-format completions in the sandbox: samples=FILE",
+        _recipe("evaluate_samples", "evaluate_samples_command"),
+    ),
+    "export": Command(
+        "export", "write a run as a Hugging Face model directory: run_dir=RUN out=DIR", _recipe("export", "export_command")
+    ),
+    "merge": Command(
+        "export", "merge a LoRA run's adapter into its base model: run_dir=RUN out=DIR", _recipe("export", "merge_command")
+    ),
     "report": Command("report", "write RUN/report.html: plots, tables, config, environment", _recipe("report", "report_command")),
     "compare": Command("compare", "compare runs: run_dirs=[A,B] [out=compare.html]", _recipe("report", "compare_command")),
-    "serve": Command("serve", "an OpenAI-compatible HTTP server: run_dir=RUN [serve.host=127.0.0.1 serve.port=8000]",
-                     _serve("server", "serve_command")),
-    "keys": Command("keys", "the server's API keys: keys create|list|revoke [name=NAME] [serve.keys_db=FILE]",
-                    _serve("keys_command", "keys_command")),
+    "serve": Command(
+        "serve",
+        "an OpenAI-compatible HTTP server: run_dir=RUN [serve.host=127.0.0.1 serve.port=8000]",
+        _serve("server", "serve_command"),
+    ),
+    "keys": Command(
+        "keys",
+        "the server's API keys: keys create|list|revoke [name=NAME] [serve.keys_db=FILE]",
+        _serve("keys_command", "keys_command"),
+    ),
 }
-
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -118,8 +135,9 @@ def config_groups() -> dict[str, list[str]]:
     for entry in sorted(conf.iterdir(), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("_"):
             order = {"tiny": 0, "small": 1, "base": 2, "large": 3, "default": -1}  # by size, not alphabetically
-            options = sorted((f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml")),
-                             key=lambda o: (order.get(o, 9), o))
+            options = sorted(
+                (f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml")), key=lambda o: (order.get(o, 9), o)
+            )
             if options:
                 groups[entry.name] = options
     return groups

@@ -37,8 +37,12 @@ def rng_state() -> dict:
     np_state = cast("tuple[Any, ...]", np.random.get_state())
     state = {
         "python": random.getstate(),
-        "numpy": {"key": np_state[1].tolist(), "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": np_state[1].tolist(),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -61,6 +65,7 @@ def _as_tuple(x: Any) -> Any:
 
 def git_commit(path: Path) -> dict:
     """The commit of the git checkout holding ``path``, and whether it has uncommitted changes."""
+
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)

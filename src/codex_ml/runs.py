@@ -49,8 +49,10 @@ class RunLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunError(f"run folder {self.path.parent} is in use by another process (pid {holder}); "
-                               "wait for it to finish or stop it first") from None
+                raise RunError(
+                    f"run folder {self.path.parent} is in use by another process (pid {holder}); "
+                    "wait for it to finish or stop it first"
+                ) from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -66,5 +68,5 @@ class RunLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -12,10 +12,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from hydra.core.utils import JobReturn
 
 SUMMARY_FILE = "sweep_summary.json"
 
@@ -29,7 +32,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.trials = []
 
-    def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
         from hydra.types import RunMode
 
@@ -76,9 +79,11 @@ def summarize(trials: list[dict], sweep_dir: str) -> dict:
     notes = []
     if trials[0]["best_mode"] and {"min": "minimize", "max": "maximize"}[trials[0]["best_mode"]] != direction:
         mode = trials[0]["best_mode"]
-        notes.append(f"the sweep's direction is {direction} but training.best_mode={mode}: best-k checkpoints and early "
-                     f"stopping rank {metric} the other way; set training.best_mode={'max' if mode == 'min' else 'min'} "
-                     "to agree")
+        notes.append(
+            f"the sweep's direction is {direction} but training.best_mode={mode}: best-k checkpoints and early "
+            f"stopping rank {metric} the other way; set training.best_mode={'max' if mode == 'min' else 'min'} "
+            "to agree"
+        )
     return {
         "sweep_dir": sweep_dir,
         "metric": metric,
@@ -86,8 +91,12 @@ def summarize(trials: list[dict], sweep_dir: str) -> dict:
         "trials": len(trials),
         "completed": sum(t["status"] == "completed" for t in trials),
         "varied": varied,
-        "best": None if best is None else {
-            "job": best["job"], "value": best["value"], "run_dir": best["run_dir"],
+        "best": None
+        if best is None
+        else {
+            "job": best["job"],
+            "value": best["value"],
+            "run_dir": best["run_dir"],
             "overrides": best["overrides"],
             "varied_overrides": [o for o in best["overrides"] if o.split("=", 1)[0] in varied] or best["overrides"],
         },
@@ -97,14 +106,15 @@ def summarize(trials: list[dict], sweep_dir: str) -> dict:
 
 
 def summary_lines(summary: dict) -> list[str]:
-    lines = [f"sweep: {summary['trials']} trials ({summary['completed']} completed), "
-             f"{summary['direction']} {summary['metric']}"]
+    lines = [f"sweep: {summary['trials']} trials ({summary['completed']} completed), {summary['direction']} {summary['metric']}"]
     best = summary["best"]
     if best is None:
         lines.append(f"best trial: none (no trial reported a finite {summary['metric']})")
     else:
-        lines.append(f"best trial: #{best['job']} {' '.join(best['varied_overrides'])} -> "
-                     f"{summary['metric']} {best['value']:.6g}; run folder {best['run_dir'] or '?'}")
+        lines.append(
+            f"best trial: #{best['job']} {' '.join(best['varied_overrides'])} -> "
+            f"{summary['metric']} {best['value']:.6g}; run folder {best['run_dir'] or '?'}"
+        )
     lines += [f"note: {n}" for n in summary["notes"]]
     return lines
 
@@ -144,5 +154,5 @@ def _varied_keys(trials: list[dict]) -> list[str]:
     return [k for k in keys if len({d.get(k) for d in per_trial}) > 1]
 
 
-def _is_number(value) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

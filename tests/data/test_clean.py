@@ -29,8 +29,7 @@ def test_dirty_corpus_is_cleaned_and_counted(tmp_path):
     assert set(docs) == {"good.py", "latin1.py", "cp1252.py"} or set(docs) == {"dup.py", "latin1.py", "cp1252.py"}
     assert "café déjà vu" in docs["latin1.py"]
     assert "\u201csmart quotes\u201d" in docs["cp1252.py"]
-    assert dict(report.skipped) == {"duplicate": 1, "binary": 1, "too_large": 1, "long_line": 1, "too_small": 1,
-                                    "unreadable": 1}
+    assert dict(report.skipped) == {"duplicate": 1, "binary": 1, "too_large": 1, "long_line": 1, "too_small": 1, "unreadable": 1}
     assert report.kept == 3
     assert sum(report.decoded_from.values()) == 2
     summary = report.summary()

@@ -11,9 +11,9 @@ def parts(ids):
     """(prefix, middle, suffix) text of a PSM or SPM sequence."""
     if ids[1] == S:  # SPM: <pre><suf> suffix <mid> prefix+middle
         i = ids.index(M)
-        return None, decode(ids[i + 1:]), decode(ids[2:i])
+        return None, decode(ids[i + 1 :]), decode(ids[2:i])
     s, m = ids.index(S), ids.index(M)
-    return decode(ids[1:s]), decode(ids[m + 1:]), decode(ids[s + 1:m])
+    return decode(ids[1:s]), decode(ids[m + 1 :]), decode(ids[s + 1 : m])
 
 
 def test_psm_rearranges_and_keeps_every_character():

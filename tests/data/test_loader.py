@@ -137,8 +137,7 @@ def test_bounded_estimate_is_within_tolerance_of_the_whole_split():
     assert abs(bounded["loss"] - whole["loss"]) < 0.1
     stream_order = evaluate_loss(forward, itertools.islice(eval_batches(s, 64, 8), 8), cpu)
     assert abs(stream_order["loss"] - whole["loss"]) > 1.0
-    other_ranks = [evaluate_loss(forward, eval_batches(s, 64, 4, max_batches=8, rank=r, world_size=2), cpu)
-                   for r in range(2)]
+    other_ranks = [evaluate_loss(forward, eval_batches(s, 64, 4, max_batches=8, rank=r, world_size=2), cpu) for r in range(2)]
     pooled = sum(m["loss"] * m["tokens"] for m in other_ranks) / sum(m["tokens"] for m in other_ranks)
     assert abs(pooled - whole["loss"]) < 0.1
 

@@ -15,7 +15,7 @@ from helpers import stdlib_sample
 def shingles(text, n=5):
     """The reference: word 5-gram sets with plain Python, independent of the numpy implementation."""
     words = re.findall(r"\w+", text, re.ASCII)
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def jaccard(a, b):

@@ -55,8 +55,10 @@ def test_default_prepare_redacts_dedups_decontaminates(corpus, tmp_path):
     assert s["redaction"]["findings"] == {"email": 1, "github_token": 1} and s["near_dedup"]["dropped"] == 1
     assert s["decontamination"]["dropped"][0]["document"] == "contaminated.py"
     rows = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()]
-    assert {(r["kind"], r["detector"]) for r in rows} == {("email", "codex-ml:email"),
-                                                           ("github_token", "detect-secrets:GitHubTokenDetector")}
+    assert {(r["kind"], r["detector"]) for r in rows} == {
+        ("email", "codex-ml:email"),
+        ("github_token", "detect-secrets:GitHubTokenDetector"),
+    }
     assert SECRET not in (tmp_path / "report.jsonl").read_text()
     # a reused cache entry writes the same report
     (tmp_path / "report.jsonl").unlink()
@@ -120,10 +122,11 @@ def test_bad_input_fails_before_any_work(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_on_the_command_line_is_one_line(corpus, tmp_path):
-    for extra, message in ((f"data.decontaminate=[{tmp_path / 'missing.jsonl'}]", "missing.jsonl cannot be read"),
-                           ("data=no_such_dataset", "no_such_dataset")):
-        out = run_cli("prepare", "data.source=files", f"data.paths=[{corpus}]", f"run.dir={tmp_path / 'r'}", extra,
-                      check=False)
+    for extra, message in (
+        (f"data.decontaminate=[{tmp_path / 'missing.jsonl'}]", "missing.jsonl cannot be read"),
+        ("data=no_such_dataset", "no_such_dataset"),
+    ):
+        out = run_cli("prepare", "data.source=files", f"data.paths=[{corpus}]", f"run.dir={tmp_path / 'r'}", extra, check=False)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert "reading" not in out.stdout
 
@@ -135,8 +138,9 @@ def test_named_dataset_from_a_user_config_folder_with_its_hash(corpus, tmp_path)
     conf = tmp_path / "conf" / "data"
     conf.mkdir(parents=True)
     for name, digest in (("good", actual), ("stale", "0" * 64)):
-        (conf / f"{name}.yaml").write_text(f"source: files\npaths: [{corpus}]\nexpected_sha256: '{digest}'\n"
-                                           "redact: false\nnum_workers: 0\n")
+        (conf / f"{name}.yaml").write_text(
+            f"source: files\npaths: [{corpus}]\nexpected_sha256: '{digest}'\nredact: false\nnum_workers: 0\n"
+        )
     args = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "tokenizer.vocab_size=400"]
     ok = run_cli("prepare", "data=good", *args, f"run.dir={tmp_path / 'a'}")
     assert "prepared" in ok.stdout

@@ -36,8 +36,7 @@ def _planted(seed: int = 7):
         s.append(("stripe", v, f"stripe.api_key = '{v}'"))
         v = "sk-proj-" + rnd(AN, 40)
         s.append(("openai", v, f'client = OpenAI(api_key="{v}")'))
-        v = ".".join([b64u(b'{"alg":"HS256","typ":"JWT"}'), b64u(json.dumps({"sub": str(i)}).encode()),
-                      b64u(rng.randbytes(32))])
+        v = ".".join([b64u(b'{"alg":"HS256","typ":"JWT"}'), b64u(json.dumps({"sub": str(i)}).encode()), b64u(rng.randbytes(32))])
         s.append(("jwt", v, f'AUTH = "Bearer {v}"'))
         v = rnd(AN, 8) + "#" + rnd(AN, 5)
         s.append(("password", v, f'{["password", "db_password", "SMTP_PASS", "admin_pwd"][i]} = "{v}"'))
@@ -52,13 +51,25 @@ def _planted(seed: int = 7):
     body = "\n".join(base64.b64encode(rng.randbytes(48)).decode() for _ in range(5))
     pem = f'KEY = """-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n"""'
     s.append(("private_key", body.splitlines()[1], pem))
-    decoys = [f'SHA = "{hashlib.sha256(b"x").hexdigest()}"', f"# md5 {hashlib.md5(b'y').hexdigest()}",
-              f'ID = "{uuid.UUID(int=rng.getrandbits(128), version=4)}"', 'API_KEY = "YOUR_API_KEY"',
-              'password = "<PASSWORD>"', 'token = os.environ["GITHUB_TOKEN"]', 'SECRET_KEY = "changeme"',
-              "# mail user@example.com", 'HOST = "192.0.2.10"', 'ADDR = "2001:db8::1"', 'LOCAL = "127.0.0.1"',
-              'PRIVATE = "10.1.2.3"', '__version__ = "1.2.13.4"', 'password = "%(password)s"',
-              'url = "postgres://user:${DB_PASSWORD}@db/app"', 'TEST_VECTOR = "00112233445566778899aabbccddeeff"',
-              "x = matrix @ vector.T"]
+    decoys = [
+        f'SHA = "{hashlib.sha256(b"x").hexdigest()}"',
+        f"# md5 {hashlib.md5(b'y').hexdigest()}",
+        f'ID = "{uuid.UUID(int=rng.getrandbits(128), version=4)}"',
+        'API_KEY = "YOUR_API_KEY"',
+        'password = "<PASSWORD>"',
+        'token = os.environ["GITHUB_TOKEN"]',
+        'SECRET_KEY = "changeme"',
+        "# mail user@example.com",
+        'HOST = "192.0.2.10"',
+        'ADDR = "2001:db8::1"',
+        'LOCAL = "127.0.0.1"',
+        'PRIVATE = "10.1.2.3"',
+        '__version__ = "1.2.13.4"',
+        'password = "%(password)s"',
+        'url = "postgres://user:${DB_PASSWORD}@db/app"',
+        'TEST_VECTOR = "00112233445566778899aabbccddeeff"',
+        "x = matrix @ vector.T",
+    ]
     return s, decoys
 
 
@@ -103,11 +114,9 @@ def test_redaction_is_idempotent_and_reports_lines_not_values():
 
 def test_placeholders_by_kind_and_configurable():
     text = 'OWNER = "ann@acme-corp.io"\npassword = "Zx9!kq2Lmw"\nHOST = "23.45.67.89"\nKEY = "AKIAABCDEFGHIJKLMNOP"\n'
-    assert redact_document(text).text == ('OWNER = "<EMAIL>"\npassword = "<PASSWORD>"\nHOST = "<IP_ADDRESS>"\n'
-                                          'KEY = "<KEY>"\n')
+    assert redact_document(text).text == ('OWNER = "<EMAIL>"\npassword = "<PASSWORD>"\nHOST = "<IP_ADDRESS>"\nKEY = "<KEY>"\n')
     custom = placeholders_with({"email": "[email]", "default": "SECRET_REMOVED"})
-    assert redact_document(text, placeholders=custom).text.splitlines()[::3] == ['OWNER = "[email]"',
-                                                                                 'KEY = "SECRET_REMOVED"']
+    assert redact_document(text, placeholders=custom).text.splitlines()[::3] == ['OWNER = "[email]"', 'KEY = "SECRET_REMOVED"']
     with pytest.raises(ValueError, match="quotes"):
         placeholders_with({"email": '"'})
     with pytest.raises(ValueError, match="looks like a secret"):
@@ -137,4 +146,4 @@ def test_mask_secrets_keeps_the_servers_format():
     files, _, _ = _corpus()
     for _, text in files:
         for f in find_secrets(text):
-            assert f.kind == "private_key" or not any(c.isspace() for c in text[f.start:f.end])
+            assert f.kind == "private_key" or not any(c.isspace() for c in text[f.start : f.end])

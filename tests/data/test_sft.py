@@ -7,8 +7,8 @@ import torch
 
 from codex_ml.data.rows import pack_examples, row_batch
 from codex_ml.data.sft import SftEncoder, SftRecordError, check_record, read_records
-from codex_ml.models.loss import summed_token_loss
 from codex_ml.models.gpt import GPT, GPTConfig, document_block_mask
+from codex_ml.models.loss import summed_token_loss
 from codex_ml.tokenizer.core import SpecialTokens
 from codex_ml.tokenizer.train import train_tokenizer
 
@@ -32,19 +32,26 @@ def test_completion_record_trains_the_completion_and_eos(tok_dir):
 
 def test_chat_record_trains_assistant_turns_with_end_of_turn(tok_dir):
     enc = SftEncoder(tok_dir)
-    messages = [{"role": "user", "content": "add 1 and 2"}, {"role": "assistant", "content": "print(1 + 2)"},
-                {"role": "user", "content": "and 3?"}, {"role": "assistant", "content": "print(3)"}]
+    messages = [
+        {"role": "user", "content": "add 1 and 2"},
+        {"role": "assistant", "content": "print(1 + 2)"},
+        {"role": "user", "content": "and 3?"},
+        {"role": "assistant", "content": "print(3)"},
+    ]
     ex = enc.encode("f:2", {"messages": messages})
     trained_text = enc.hf.decode([i for i, t in zip(ex.ids, ex.trained) if t])
     assert trained_text == "print(1 + 2)<|im_end|>\nprint(3)<|im_end|>\n"
 
 
-@pytest.mark.parametrize("record,needle", [
-    ({"prompt": "x"}, "completion"),
-    ({"text": "x"}, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant"),
-    ({"messages": [{"role": "user"}]}, "content"),
-])
+@pytest.mark.parametrize(
+    "record,needle",
+    [
+        ({"prompt": "x"}, "completion"),
+        ({"text": "x"}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant"),
+        ({"messages": [{"role": "user"}]}, "content"),
+    ],
+)
 def test_bad_records_name_the_problem(record, needle):
     with pytest.raises(SftRecordError, match=needle):
         check_record("data.jsonl:7", record)

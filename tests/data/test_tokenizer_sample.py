@@ -22,8 +22,7 @@ def test_sample_is_bounded_spread_and_order_independent():
 
 def test_prepare_trains_on_the_sample(corpus_dir):
     logs = []
-    data = DataConfig(source="files", paths=[str(corpus_dir)], num_workers=0, redact=False, near_dedup=False,
-                      decontaminate=[])
+    data = DataConfig(source="files", paths=[str(corpus_dir)], num_workers=0, redact=False, near_dedup=False, decontaminate=[])
     prepare_data(data, TokenizerConfig(vocab_size=400, train_bytes=100_000), log=logs.append)
     line = next(m for m in logs if m.startswith("tokenizer: training"))
     assert "a sample of" in line and "tokenizer.train_bytes=100,000" in line

@@ -62,8 +62,10 @@ def test_fast_path_follows_new_prompt_lengths_and_new_weights():
     torch.manual_seed(1)
     m = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=300)).eval()
     tok = IdTokenizer()
-    greedy, fast = SamplingSettings(max_new_tokens=8, temperature=0), SamplingSettings(max_new_tokens=8, temperature=0,
-                                                                                         compile=True)
+    greedy, fast = (
+        SamplingSettings(max_new_tokens=8, temperature=0),
+        SamplingSettings(max_new_tokens=8, temperature=0, compile=True),
+    )
     for prompt in ["5", "5 6 7 8 9 10 11 12 13"]:
         assert generate(m, tok, [prompt], fast)[0][0].token_ids == generate(m, tok, [prompt], greedy)[0][0].token_ids
     before = generate(m, tok, ["5 6"], fast)[0][0].token_ids

@@ -78,8 +78,10 @@ def test_verdicts_and_messages_equal_the_reference_harness(problems):
 
 def test_results_arrive_through_the_callback_and_bad_samples_are_refused(problems):
     seen = {}
-    samples = [{"task_id": "HumanEval/2", "completion": "    return number % 1.0\n"},
-               {"task_id": "HumanEval/2", "completion": "    return 0\n"}]
+    samples = [
+        {"task_id": "HumanEval/2", "completion": "    return number % 1.0\n"},
+        {"task_id": "HumanEval/2", "completion": "    return 0\n"},
+    ]
     results = judge_samples(problems, samples, progress=False, on_result=lambda i, r: seen.__setitem__(i, r["passed"]))
     assert seen == {0: True, 1: False} and [r["passed"] for r in results] == [True, False]
     with pytest.raises(CodexError, match="unknown task_id 'HumanEval/999'"):

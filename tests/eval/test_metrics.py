@@ -64,8 +64,17 @@ def scratch_registry(monkeypatch):
 
 
 def test_the_builtin_metrics_are_registered():
-    assert set(available_metrics()) >= {"exact_match", "token_f1", "bleu", "chrf", "rouge_l", "distinct_1", "distinct_2",
-                                        "perplexity", "accuracy"}
+    assert set(available_metrics()) >= {
+        "exact_match",
+        "token_f1",
+        "bleu",
+        "chrf",
+        "rouge_l",
+        "distinct_1",
+        "distinct_2",
+        "perplexity",
+        "accuracy",
+    }
     assert available_metrics() == sorted(available_metrics())
     assert get_metric("exact_match").per_sample and not get_metric("distinct_1").per_sample
     assert get_metric("perplexity").inputs == ("losses", "token_counts")
@@ -81,8 +90,23 @@ def test_exact_match_ignores_only_surrounding_whitespace():
 
 
 def test_code_tokens_split_identifiers_numbers_and_each_punctuation_character():
-    assert code_tokens("def f(x_1):\n    return x_1*2.5 >= y") == \
-        ["def", "f", "(", "x_1", ")", ":", "return", "x_1", "*", "2", ".", "5", ">", "=", "y"]
+    assert code_tokens("def f(x_1):\n    return x_1*2.5 >= y") == [
+        "def",
+        "f",
+        "(",
+        "x_1",
+        ")",
+        ":",
+        "return",
+        "x_1",
+        "*",
+        "2",
+        ".",
+        "5",
+        ">",
+        "=",
+        "y",
+    ]
     assert code_tokens("  \n") == []
 
 
@@ -91,8 +115,9 @@ def test_token_f1_matches_hand_computed_values():
     # 4: x = range ( 10 ) shared, 6 of 12 predicted and 6 of 9 referenced: F1 = 2 * (1/2 * 2/3) / (1/2 + 2/3) = 4/7
     expected = [1.0, 0.8, 0.5, 4 / 7]
     assert metrics.token_f1(PREDICTIONS, REFERENCES) == pytest.approx(expected)
-    assert compute_metrics("token_f1", predictions=PREDICTIONS, references=REFERENCES)["token_f1"] == \
-        pytest.approx(np.mean(expected))
+    assert compute_metrics("token_f1", predictions=PREDICTIONS, references=REFERENCES)["token_f1"] == pytest.approx(
+        np.mean(expected)
+    )
     assert metrics.token_f1(["", "", "a"], ["", "a", "b"]) == [1.0, 0.0, 0.0]
     assert metrics.token_f1(["a a b"], ["a b b"]) == pytest.approx([2 / 3])  # bags, not sets
 
@@ -105,8 +130,10 @@ def test_bleu_and_chrf_equal_sacrebleu():
     assert compute_metrics(["bleu"], predictions=CODE, references=CODE)["bleu"] == pytest.approx(100.0)
     for n in (1, 2, 5):  # small corpora too, where smoothing and the brevity penalty decide
         got = compute_metrics(["bleu", "chrf"], predictions=GENERATED[-n:], references=CODE[-n:])
-        assert got == {"bleu": sacrebleu.corpus_bleu(GENERATED[-n:], [CODE[-n:]]).score,
-                       "chrf": sacrebleu.corpus_chrf(GENERATED[-n:], [CODE[-n:]]).score}
+        assert got == {
+            "bleu": sacrebleu.corpus_bleu(GENERATED[-n:], [CODE[-n:]]).score,
+            "chrf": sacrebleu.corpus_chrf(GENERATED[-n:], [CODE[-n:]]).score,
+        }
 
 
 def test_rouge_l_equals_rouge_score_averaged_over_samples():
@@ -147,8 +174,13 @@ def test_accuracy_of_equality_or_of_booleans():
 
 
 def test_compute_metrics_takes_each_metric_its_own_inputs():
-    got = compute_metrics(["exact_match", "distinct_1", "perplexity"], predictions=PREDICTIONS, references=REFERENCES,
-                          losses=[2.0, 1.0], token_counts=[3, 1])
+    got = compute_metrics(
+        ["exact_match", "distinct_1", "perplexity"],
+        predictions=PREDICTIONS,
+        references=REFERENCES,
+        losses=[2.0, 1.0],
+        token_counts=[3, 1],
+    )
     assert got["exact_match"] == 0.25 and got["perplexity"] == pytest.approx(math.exp(1.75))
     assert all(isinstance(v, float) for v in got.values())
 
@@ -171,8 +203,14 @@ def test_a_new_metric_is_one_decorated_function(scratch_registry):
 
     assert length_ratio(["ab"], ["abcd"]) == [0.5]  # the function itself is unchanged
     assert {"length_ratio", "pass_rate"} <= set(available_metrics())
-    got = compute_metrics(["length_ratio", "char_ratio", "pass_rate"], predictions=["ab", "abcd"], references=["abcd", "abcd"],
-                          passed=[True, False, True, True], ci=0.9, n_resamples=50)
+    got = compute_metrics(
+        ["length_ratio", "char_ratio", "pass_rate"],
+        predictions=["ab", "abcd"],
+        references=["abcd", "abcd"],
+        passed=[True, False, True, True],
+        ci=0.9,
+        n_resamples=50,
+    )
     assert got["length_ratio"] == 0.75 and got["char_ratio"] == 6 / 8 and got["pass_rate"] == 0.75
     assert got["char_ratio_ci_low"] <= 0.75 <= got["char_ratio_ci_high"]
     assert got["pass_rate_ci_low"] <= 0.75 <= got["pass_rate_ci_high"]
@@ -206,8 +244,14 @@ def test_bootstrap_ci_is_seeded_contains_the_estimate_and_narrows_with_more_samp
 
 
 def test_compute_metrics_intervals_for_per_sample_and_corpus_metrics():
-    got = compute_metrics(["exact_match", "token_f1", "bleu", "distinct_2"], predictions=GENERATED, references=CODE,
-                          ci=0.95, seed=3, n_resamples=200)
+    got = compute_metrics(
+        ["exact_match", "token_f1", "bleu", "distinct_2"],
+        predictions=GENERATED,
+        references=CODE,
+        ci=0.95,
+        seed=3,
+        n_resamples=200,
+    )
     scores = metrics.exact_match(GENERATED, CODE)
     assert (got["exact_match_ci_low"], got["exact_match_ci_high"]) == bootstrap_ci(scores, ci=0.95, n_resamples=200, seed=3)
     for name in ("exact_match", "token_f1", "bleu"):
@@ -251,8 +295,10 @@ def test_metrics_stay_a_lower_layer_and_quiet(capsys, caplog):
     compute_metrics(available_metrics(), predictions=GENERATED, references=CODE, losses=[1.0] * len(CODE))
     compute_metrics(["bleu"], predictions=["x = 1 ."] * 100, references=["x = 2 ."] * 100)  # sacrebleu would warn here
     assert capsys.readouterr() == ("", "") and caplog.records == []
-    code = ("import sys, codex_ml.eval.metrics; "
-            "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
-            "(['codex_ml', 'training'], ['codex_ml', 'recipes'], ['codex_ml', 'serve'], ['codex_ml', 'cli'])))")
+    code = (
+        "import sys, codex_ml.eval.metrics; "
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+        "(['codex_ml', 'training'], ['codex_ml', 'recipes'], ['codex_ml', 'serve'], ['codex_ml', 'cli'])))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -180,8 +180,13 @@ def judged(request, tmp_path_factory):
             wall = time.monotonic() - start
             leftovers = host_processes_with(MARK) + host_processes_with(DAEMON)
             yield {
-                "kind": box.kind, "missing": box.missing, "target": target, "wall": wall, "leftovers": leftovers,
-                "attack": dict(zip(names, outcomes[0::2])), "benign": outcomes[1::2],
+                "kind": box.kind,
+                "missing": box.missing,
+                "target": target,
+                "wall": wall,
+                "leftovers": leftovers,
+                "attack": dict(zip(names, outcomes[0::2])),
+                "benign": outcomes[1::2],
             }
     finally:
         for k, v in saved.items():
@@ -381,8 +386,9 @@ def judged_under_tmp():
         venv = root / "venv"
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
         python = str(venv / "bin" / "python")
-        purelib = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                               text=True).strip())
+        purelib = Path(
+            subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip()
+        )
         # site.addsitedir, not a bare path line, so that the project environment's own .pth files (its editable
         # install) are read too.
         project = dict.fromkeys(sysconfig.get_path(key) for key in ("purelib", "platlib"))

@@ -32,7 +32,7 @@ def test_kv_cache_decoding_equals_full_forward():
     cache = m.new_kv_cache(3, 20)
     parts = [m(x[:, :12], kv_cache=cache)]
     for t in range(12, 20):
-        parts.append(m(x[:, t:t + 1], kv_cache=cache))
+        parts.append(m(x[:, t : t + 1], kv_cache=cache))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -106,8 +106,11 @@ def test_several_tokens_on_a_filled_cache_without_a_mask_are_refused():
     x = torch.randint(0, 97, (2, 16))
     cache = m.new_kv_cache(2, 16)
     m(x[:, :12], kv_cache=cache)
-    with pytest.raises(ValueError, match=r"shape \(2, 4\) on a KV cache already holding 12 positions needs attn_mask "
-                                         r"\(B, 1, 4, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(2, 4\) on a KV cache already holding 12 positions needs attn_mask "
+        r"\(B, 1, 4, 16\)",
+    ):
         m(x[:, 12:], kv_cache=cache)
     static = m.new_kv_cache(2, 16, static=True)
     with pytest.raises(ValueError, match=r"shape \(2, 12\) on a StaticKVCache of 16 positions needs attn_mask"):
@@ -123,5 +126,5 @@ def test_chunked_prefill_with_a_causal_mask_equals_the_full_forward():
     for start in (8, 14):  # chunks of 6 new tokens, each seeing the cache and its own past
         keys = torch.arange(start + 6)
         mask = (keys[None, :] <= torch.arange(start, start + 6)[:, None])[None, None]
-        parts.append(m(x[:, start:start + 6], attn_mask=mask, kv_cache=cache))
+        parts.append(m(x[:, start : start + 6], attn_mask=mask, kv_cache=cache))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)

@@ -9,13 +9,21 @@ from helpers import run_cli, tiny_train_args
 def test_evaluate_loss_and_humaneval(corpus_dir, tmp_path):
     run = tmp_path / "run"
     run_cli("train", *tiny_train_args(corpus_dir, run, steps=4, extra=["training.eval_every=2"]))
-    out = run_cli("evaluate", f"run_dir={run}", "tasks=[loss,humaneval]", "limit=3", "n=2", "temperature=0.8",
-                  "max_new_tokens=16", "checkpoint=best", "batch_size=4")
+    out = run_cli(
+        "evaluate",
+        f"run_dir={run}",
+        "tasks=[loss,humaneval]",
+        "limit=3",
+        "n=2",
+        "temperature=0.8",
+        "max_new_tokens=16",
+        "checkpoint=best",
+        "batch_size=4",
+    )
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["checkpoint"].endswith("step_00000004") or results["checkpoint"].endswith("step_00000002")
     loss = results["tasks"]["loss"]
-    train_val = [json.loads(line) for line in (run / "metrics.ndjson").read_text().splitlines()
-                 if '"event": "eval"' in line][-1]
+    train_val = [json.loads(line) for line in (run / "metrics.ndjson").read_text().splitlines() if '"event": "eval"' in line][-1]
     # training's final validation covers the whole split, as evaluate does: the same figure (when it picked that step)
     if results["step"] == 4:
         assert abs(loss["val_loss"] - train_val["val_loss"]) < 1e-6 and loss["val_tokens"] == train_val["val_tokens"]

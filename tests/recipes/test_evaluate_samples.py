@@ -30,8 +30,10 @@ def test_results_file_in_input_order_and_pass_at_k_printed(problems, tmp_path):
     samples = tmp_path / "samples.jsonl"
     rows = []
     for tid in ("HumanEval/0", "HumanEval/1", "HumanEval/2"):
-        rows += [{"task_id": tid, "completion": problems[tid]["canonical_solution"], "note": "right"},
-                 {"task_id": tid, "completion": "    return None\n", "note": "wrong"}]
+        rows += [
+            {"task_id": tid, "completion": problems[tid]["canonical_solution"], "note": "right"},
+            {"task_id": tid, "completion": "    return None\n", "note": "wrong"},
+        ]
     write_jsonl(samples, rows)
     out = run_cli("evaluate-samples", f"samples={samples}", "k=[1,2,10]", "workers=2")
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"pass@1": 0.5, "pass@2": 1.0}
@@ -47,24 +49,43 @@ def test_results_file_in_input_order_and_pass_at_k_printed(problems, tmp_path):
 
 def test_own_problems_file(tmp_path):
     problems = tmp_path / "problems.jsonl"
-    write_jsonl(problems, [{"task_id": "t/0", "prompt": "def double(x):\n", "entry_point": "double",
-                            "test": "def check(f):\n    assert f(2) == 4\n"}])
+    write_jsonl(
+        problems,
+        [
+            {
+                "task_id": "t/0",
+                "prompt": "def double(x):\n",
+                "entry_point": "double",
+                "test": "def check(f):\n    assert f(2) == 4\n",
+            }
+        ],
+    )
     samples = tmp_path / "s.jsonl"
-    write_jsonl(samples, [{"task_id": "t/0", "completion": "    return 2 * x\n"},
-                          {"task_id": "t/0", "completion": "    return x\n"}])
+    write_jsonl(
+        samples, [{"task_id": "t/0", "completion": "    return 2 * x\n"}, {"task_id": "t/0", "completion": "    return x\n"}]
+    )
     out = run_cli("evaluate-samples", f"samples={samples}", f"problems={problems}", "k=[1]")
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"pass@1": 0.5}
 
 
-@pytest.mark.parametrize("bad, expected", [
-    ('{"task_id": "HumanEval/2", "completion": ', "line 3: not valid JSON"),
-    ('{"task_id": "HumanEval/99999", "completion": "    pass\\n"}', "line 3: unknown task_id 'HumanEval/99999'"),
-    ('{"task_id": "HumanEval/2"}', "line 3: missing field 'completion'"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ('{"task_id": "HumanEval/2", "completion": ', "line 3: not valid JSON"),
+        ('{"task_id": "HumanEval/99999", "completion": "    pass\\n"}', "line 3: unknown task_id 'HumanEval/99999'"),
+        ('{"task_id": "HumanEval/2"}', "line 3: missing field 'completion'"),
+    ],
+)
 def test_a_malformed_line_is_refused_before_judging_and_nothing_is_written(tmp_path, bad, expected):
     samples = tmp_path / "s.jsonl"
-    write_jsonl(samples, [{"task_id": "HumanEval/0", "completion": "    return False\n"},
-                          {"task_id": "HumanEval/1", "completion": "    return []\n"}, bad])
+    write_jsonl(
+        samples,
+        [
+            {"task_id": "HumanEval/0", "completion": "    return False\n"},
+            {"task_id": "HumanEval/1", "completion": "    return []\n"},
+            bad,
+        ],
+    )
     proc = run_cli("evaluate-samples", f"samples={samples}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -74,8 +95,10 @@ def test_a_malformed_line_is_refused_before_judging_and_nothing_is_written(tmp_p
 
 def test_an_interrupted_run_is_resumed_with_the_verdicts_already_on_disk(problems, tmp_path):
     samples = tmp_path / "s.jsonl"
-    fast = [{"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]},
-            {"task_id": "HumanEval/1", "completion": "    return []\n"}]
+    fast = [
+        {"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]},
+        {"task_id": "HumanEval/1", "completion": "    return []\n"},
+    ]
     slow = [{"task_id": f"HumanEval/{i}", "completion": "    while True:\n        pass\n"} for i in range(2, 6)]
     write_jsonl(samples, fast + slow)
     partial = tmp_path / "s.jsonl_results.jsonl.partial"

@@ -8,8 +8,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import TINY_MODEL, data_args, run_cli, tiny_train_args
 
-FAST = ["training.batch_size=4", "training.log_every=1", "training.checkpoint_every=3", "training.eval_batches=2",
-        "training.warmup_steps=2", "training.sample_tokens=0", "tracking.mlflow=false"]
+FAST = [
+    "training.batch_size=4",
+    "training.log_every=1",
+    "training.checkpoint_every=3",
+    "training.eval_batches=2",
+    "training.warmup_steps=2",
+    "training.sample_tokens=0",
+    "tracking.mlflow=false",
+]
 
 
 def losses(run_dir):
@@ -26,11 +33,22 @@ def hf_models(corpus_dir, tmp_path_factory):
     run_cli("tokenizer", *data_args(corpus_dir), f"out={root / 'tok'}")
     tok = AutoTokenizer.from_pretrained(str(root / "tok"))
     ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128, **ids)
+    small = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **ids,
+    )
     torch.manual_seed(0)
-    models = {"llama": LlamaForCausalLM(LlamaConfig(**small)), "qwen2": Qwen2ForCausalLM(Qwen2Config(**small)),
-              "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids))}
+    models = {
+        "llama": LlamaForCausalLM(LlamaConfig(**small)),
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(**small)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)),
+    }
     for name, m in models.items():
         m.save_pretrained(str(root / name))
         tok.save_pretrained(str(root / name))
@@ -44,11 +62,20 @@ def other_families(hf_models):
 
     tok = AutoTokenizer.from_pretrained(str(hf_models / "tok"))
     ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=128, **ids)
+    shape = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        **ids,
+    )
     torch.manual_seed(0)
-    for name, m in {"gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(**shape)),
-                    "phi3": Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, **shape))}.items():
+    for name, m in {
+        "gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(**shape)),
+        "phi3": Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, **shape)),
+    }.items():
         m.save_pretrained(str(hf_models / name))
         tok.save_pretrained(str(hf_models / name))
     return hf_models
@@ -57,8 +84,16 @@ def other_families(hf_models):
 @pytest.mark.parametrize("arch,engine", [("llama", "native"), ("qwen2", "native"), ("gpt2", "hf"), ("llama", "hf")])
 def test_local_hf_models_fine_tune(hf_models, corpus_dir, tmp_path, arch, engine):
     run = tmp_path / "run"
-    out = run_cli("train", "model=hf", f"model.path={hf_models / arch}", f"training.engine={engine}",
-                  "training.max_steps=4", *data_args(corpus_dir), f"run.dir={run}", *FAST)
+    out = run_cli(
+        "train",
+        "model=hf",
+        f"model.path={hf_models / arch}",
+        f"training.engine={engine}",
+        "training.max_steps=4",
+        *data_args(corpus_dir),
+        f"run.dir={run}",
+        *FAST,
+    )
     assert "val_loss" in (run / "metrics.ndjson").read_text()
     assert (run / "checkpoints" / "step_00000004" / "COMPLETE").exists()
     if arch == "llama" and engine == "native":
@@ -72,8 +107,20 @@ def test_both_engines_give_the_same_loss_curve(corpus_dir, tmp_path):
     curves = []
     for engine in ("native", "hf"):
         run = tmp_path / engine
-        run_cli("train", *tiny_train_args(corpus_dir, run, steps=6, extra=[
-            f"training.engine={engine}", "training.log_every=1", "training.grad_accum=2", "training.deterministic=true"]))
+        run_cli(
+            "train",
+            *tiny_train_args(
+                corpus_dir,
+                run,
+                steps=6,
+                extra=[
+                    f"training.engine={engine}",
+                    "training.log_every=1",
+                    "training.grad_accum=2",
+                    "training.deterministic=true",
+                ],
+            ),
+        )
         curves.append(losses(run))
     assert len(curves[0]) == 6
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
@@ -110,8 +157,19 @@ def test_lora_adapter_loads_in_peft_and_merge_matches(exported, corpus_dir, tmp_
     from peft import PeftModel
 
     run = tmp_path / "lora"
-    out = run_cli("train", "model=hf", f"model.path={exported}", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
-                  "training.lr=0.01", "training.max_steps=6", *data_args(corpus_dir), f"run.dir={run}", *FAST)
+    out = run_cli(
+        "train",
+        "model=hf",
+        f"model.path={exported}",
+        "lora.enabled=true",
+        "lora.r=4",
+        "lora.alpha=8",
+        "training.lr=0.01",
+        "training.max_steps=6",
+        *data_args(corpus_dir),
+        f"run.dir={run}",
+        *FAST,
+    )
     assert "trainable" in out.stdout
     assert "lora: adapting q_proj, v_proj (4 layers; PEFT's default for llama)" in out.stdout  # in the native decoder
     counts = [json.loads(line) for line in (run / "metrics.ndjson").read_text().splitlines()][0]
@@ -133,8 +191,15 @@ def test_lora_adapter_loads_in_peft_and_merge_matches(exported, corpus_dir, tmp_
 
 
 def test_lora_grad_accumulation_matches_the_large_batch(exported, corpus_dir, tmp_path):
-    common = ["model=hf", f"model.path={exported}", "lora.enabled=true", "training.max_steps=3",
-              "training.deterministic=true", *data_args(corpus_dir), *FAST]
+    common = [
+        "model=hf",
+        f"model.path={exported}",
+        "lora.enabled=true",
+        "training.max_steps=3",
+        "training.deterministic=true",
+        *data_args(corpus_dir),
+        *FAST,
+    ]
     run_cli("train", *common, f"run.dir={tmp_path / 'big'}", "training.batch_size=8")
     run_cli("train", *common, f"run.dir={tmp_path / 'acc'}", "training.batch_size=4", "training.grad_accum=2")
     assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
@@ -142,9 +207,13 @@ def test_lora_grad_accumulation_matches_the_large_batch(exported, corpus_dir, tm
 
 # the layers each architecture's default adapts (models/lora.py: PEFT's per-architecture list, else all-linear);
 # llama's (q_proj, v_proj) is checked by test_lora_adapter_loads_in_peft_and_merge_matches
-DEFAULT_TARGETS = {"native": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                   "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-                   "gpt_neox": ["query_key_value"], "phi3": ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"]}
+DEFAULT_TARGETS = {
+    "native": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "phi3": ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"],
+}
 
 
 @pytest.mark.slow
@@ -158,8 +227,18 @@ def test_lora_default_targets_train_merge_and_reload(other_families, corpus_dir,
 
     run, merged_dir = tmp_path / "lora", tmp_path / "merged"
     model = [*TINY_MODEL] if arch == "native" else ["model=hf", f"model.path={other_families / arch}"]
-    out = run_cli("train", *model, "lora.enabled=true", "lora.r=4", "lora.alpha=8", "training.lr=0.01",
-                  "training.max_steps=2", *data_args(corpus_dir), f"run.dir={run}", *FAST)
+    out = run_cli(
+        "train",
+        *model,
+        "lora.enabled=true",
+        "lora.r=4",
+        "lora.alpha=8",
+        "training.lr=0.01",
+        "training.max_steps=2",
+        *data_args(corpus_dir),
+        f"run.dir={run}",
+        *FAST,
+    )
     line = next(s for s in out.stdout.splitlines() if s.startswith("lora: adapting"))
     assert line.startswith(f"lora: adapting {', '.join(DEFAULT_TARGETS[arch])} ({2 * len(DEFAULT_TARGETS[arch])} layers;")
     adapter = run / "checkpoints" / "step_00000002"
@@ -191,15 +270,20 @@ def test_a_lora_base_that_does_not_fit_is_refused(tmp_path, damage):
     from codex_ml.recipes.models import BASE_WEIGHTS, SOURCE_FILE, native_weight_files
     from codex_ml.training.checkpoint import CheckpointError, save_checkpoint
 
-    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, max_seq_len=32,
-                          tie_embeddings=True))
+    model = GPT(
+        GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, max_seq_len=32, tie_embeddings=True)
+    )
     weights = native_weight_files(model)
     lora = apply_lora(model, 2, 4, 0.0, resolve_target_modules(model, [], None).names, causal_lm=False)
     source = json.dumps({"kind": "native", "path": None, "lora": True, "adapter_hf_names": False}).encode()
 
     def checkpoint(step, base):
-        files = {**adapter_files(lora, hf_names=False, base_path=None), BASE_WEIGHTS: save(base),
-                 CONFIG_NAME: weights[CONFIG_NAME], SOURCE_FILE: source}
+        files = {
+            **adapter_files(lora, hf_names=False, base_path=None),
+            BASE_WEIGHTS: save(base),
+            CONFIG_NAME: weights[CONFIG_NAME],
+            SOURCE_FILE: source,
+        }
         return save_checkpoint(tmp_path / "checkpoints", step, files)
 
     base = load(weights[WEIGHTS_NAME])
@@ -221,33 +305,56 @@ def test_sft_with_packing_on_the_native_decoder(exported, tmp_path):
         rows.append({"messages": [{"role": "user", "content": f"print {i}"}, {"role": "assistant", "content": f"print({i})"}]})
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     run = tmp_path / "sft"
-    out = run_cli("train", "model=hf", f"model.path={exported}", "data.source=sft", f"data.paths=[{data}]",
-                  "data.seq_len=64", "training.max_steps=4", f"run.dir={run}", *FAST)
+    out = run_cli(
+        "train",
+        "model=hf",
+        f"model.path={exported}",
+        "data.source=sft",
+        f"data.paths=[{data}]",
+        "data.seq_len=64",
+        "training.max_steps=4",
+        f"run.dir={run}",
+        *FAST,
+    )
     assert "packed" in out.stdout and "val_loss" in (run / "metrics.ndjson").read_text()
 
 
 def test_fim_training_and_infilling(corpus_dir, tmp_path):
     run = tmp_path / "fim"
     run_cli("train", *tiny_train_args(corpus_dir, run, steps=4, extra=["data.fim_rate=0.5", "data.fim_mode=mixed"]))
-    out = run_cli("generate", f"run_dir={run}", "prompt=def f(x):\n    ", "suffix=\n    return y\n",
-                  "max_new_tokens=8", "temperature=0")
+    out = run_cli(
+        "generate", f"run_dir={run}", "prompt=def f(x):\n    ", "suffix=\n    return y\n", "max_new_tokens=8", "temperature=0"
+    )
     assert out.stdout.startswith("def f(x):\n    ") and out.stdout.rstrip("\n").endswith("return y")
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["model=hf", "model.path=/no/such/model"], "/no/such/model"),
-    (["model=tiny", "lora.enabled=true", "lora.target_modules=[no_such_proj]"], "no_such_proj"),
-    (["model=hf", "model.path=HF", "lora.enabled=true", "lora.target_modules=[c_attn,v_proj]"],
-     "c_attn match no linear layer"),
-    (["data.source=sft", "data.paths=[SFT]", "model=hf", "model.path=HF"], "sft.jsonl:2"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["model=hf", "model.path=/no/such/model"], "/no/such/model"),
+        (["model=tiny", "lora.enabled=true", "lora.target_modules=[no_such_proj]"], "no_such_proj"),
+        (
+            ["model=hf", "model.path=HF", "lora.enabled=true", "lora.target_modules=[c_attn,v_proj]"],
+            "c_attn match no linear layer",
+        ),
+        (["data.source=sft", "data.paths=[SFT]", "model=hf", "model.path=HF"], "sft.jsonl:2"),
+    ],
+)
 def test_bad_fine_tuning_input_is_refused_before_training(exported, corpus_dir, tmp_path, args, needle):
     sft = tmp_path / "sft.jsonl"
     sft.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "only"}) + "\n")
     args = [a.replace("SFT", str(sft)).replace("=HF", f"={exported}") for a in args]
     extra = [] if any(a.startswith("data.") for a in args) else data_args(corpus_dir)
-    out = run_cli("train", *args, *extra, *TINY_MODEL[1:] if "model=tiny" in args else [], f"run.dir={tmp_path / 'r'}",
-                  "training.max_steps=2", "tracking.mlflow=false", check=False)
+    out = run_cli(
+        "train",
+        *args,
+        *extra,
+        *TINY_MODEL[1:] if "model=tiny" in args else [],
+        f"run.dir={tmp_path / 'r'}",
+        "training.max_steps=2",
+        "tracking.mlflow=false",
+        check=False,
+    )
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
     assert not list(tmp_path.rglob("*.safetensors"))
 
@@ -271,11 +378,22 @@ def test_sft_grad_accumulation_with_unequal_targets_matches_the_large_batch(expo
 
     data = tmp_path / "sft.jsonl"
     # completions from one line to several: rows (one example each) with very different target counts
-    records = [{"prompt": f"def f_{i}(x):\n", "completion": "    x = x + 1\n" * (1 + i % 5) + "    return x\n"}
-               for i in range(48)]
+    records = [
+        {"prompt": f"def f_{i}(x):\n", "completion": "    x = x + 1\n" * (1 + i % 5) + "    return x\n"} for i in range(48)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    common = ["model=hf", f"model.path={exported}", "data.source=sft", f"data.paths=[{data}]", "data.seq_len=64",
-              "data.pack=false", "training.max_steps=3", "training.deterministic=true", "training.lr=0.01", *FAST]
+    common = [
+        "model=hf",
+        f"model.path={exported}",
+        "data.source=sft",
+        f"data.paths=[{data}]",
+        "data.seq_len=64",
+        "data.pack=false",
+        "training.max_steps=3",
+        "training.deterministic=true",
+        "training.lr=0.01",
+        *FAST,
+    ]
     big, acc = tmp_path / "big", tmp_path / "acc"
     run_cli("train", *common, f"run.dir={big}", "training.batch_size=8")
     run_cli("train", *common, f"run.dir={acc}", "training.batch_size=4", "training.grad_accum=2")

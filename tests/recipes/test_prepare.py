@@ -49,11 +49,16 @@ def test_manifest_shards_and_workers(corpus_dir, tmp_path):
 
 
 def test_prepare_cli_summary_and_errors(corpus_dir, tmp_path):
-    out = run_cli("prepare", "data.source=files", f"data.paths=[{corpus_dir}]", "tokenizer.vocab_size=400",
-                  "data.num_workers=0", f"run.dir={tmp_path / 'run'}")
+    out = run_cli(
+        "prepare",
+        "data.source=files",
+        f"data.paths=[{corpus_dir}]",
+        "tokenizer.vocab_size=400",
+        "data.num_workers=0",
+        f"run.dir={tmp_path / 'run'}",
+    )
     assert "skipped 0: binary 0" in out.stdout and (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
-    missing = run_cli("prepare", "data.source=files", "data.paths=[/no/such/dir]", f"run.dir={tmp_path / 'r2'}",
-                      check=False)
+    missing = run_cli("prepare", "data.source=files", "data.paths=[/no/such/dir]", f"run.dir={tmp_path / 'r2'}", check=False)
     assert missing.returncode == 2 and "/no/such/dir" in missing.stderr and "Traceback" not in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -65,14 +70,17 @@ def test_prepare_cli_summary_and_errors(corpus_dir, tmp_path):
 
 def test_jsonl_source_and_bad_records(tmp_path):
     f = tmp_path / "docs.jsonl"
-    f.write_text("\n".join(json.dumps({"content": f"def f{i}(x):\n    return x + {i}\n" * 3, "path": f"m{i}.py"})
-                           for i in range(30)) + "\n")
+    f.write_text(
+        "\n".join(json.dumps({"content": f"def f{i}(x):\n    return x + {i}\n" * 3, "path": f"m{i}.py"}) for i in range(30))
+        + "\n"
+    )
     data = DataConfig(source="jsonl", paths=[str(f)], text_field="content", id_field="path", num_workers=0)
     prepared = prepare_data(data, TokenizerConfig(vocab_size=300), log=quiet)
     assert prepared.manifest["splits"]["train"]["documents"] + prepared.manifest["splits"]["val"]["documents"] == 30
     f.write_text(json.dumps({"content": "x = 1\n" * 10}) + "\n" + json.dumps({"other": 1}) + "\n")
-    out = run_cli("prepare", "data.source=jsonl", f"data.paths=[{f}]", "data.text_field=content",
-                  f"run.dir={tmp_path / 'r'}", check=False)
+    out = run_cli(
+        "prepare", "data.source=jsonl", f"data.paths=[{f}]", "data.text_field=content", f"run.dir={tmp_path / 'r'}", check=False
+    )
     assert out.returncode == 2 and "docs.jsonl:2" in out.stderr and "content" in out.stderr
 
 

@@ -11,13 +11,18 @@ from codex_ml.recipes.prepare import prepare_sft
 from codex_ml.tokenizer.core import CodeTokenizer, SpecialTokens
 from codex_ml.tokenizer.train import train_tokenizer
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # the same conversation rendered differently: a role line "### role:" instead of ChatML's markers
-HEADED = ("{% for m in messages %}{{ '### ' + m['role'] + ':\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}")
-CONVERSATIONS = [{"messages": [{"role": "user", "content": f"print {i}"}, {"role": "assistant", "content": f"print({i})"}]}
-                 for i in range(12)]
+HEADED = (
+    "{% for m in messages %}{{ '### ' + m['role'] + ':\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
+)
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": f"print {i}"}, {"role": "assistant", "content": f"print({i})"}]} for i in range(12)
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +32,9 @@ def trained_tokenizer(corpus_dir):
 
 
 def tokenizer_dir(trained_tokenizer, path, template=CHATML):
-    trained_tokenizer.save(path, ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<|im_start|>",
-                                  "<|im_end|>"], chat_template=template)
+    trained_tokenizer.save(
+        path, ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<|im_start|>", "<|im_end|>"], chat_template=template
+    )
     return path
 
 

@@ -154,8 +154,9 @@ def test_grad_accumulation_matches_the_large_batch(corpus_dir, tmp_path):
     big = tmp_path / "big"
     run_cli("train", *tiny_train_args(corpus_dir, big, steps=4, extra=[*common, "training.batch_size=8"]))
     acc = tmp_path / "acc"
-    run_cli("train", *tiny_train_args(corpus_dir, acc, steps=4,
-                                      extra=[*common, "training.batch_size=4", "training.grad_accum=2"]))
+    run_cli(
+        "train", *tiny_train_args(corpus_dir, acc, steps=4, extra=[*common, "training.batch_size=4", "training.grad_accum=2"])
+    )
     # same windows? the large-batch run draws 8 per step, the accumulated one 4 twice: same order
     a = [e["train_loss"] for e in events(big, "train")]
     b = [e["train_loss"] for e in events(acc, "train")]
@@ -168,5 +169,3 @@ def test_multirun_sweep_gives_one_run_folder_per_value(corpus_dir, tmp_path):
     configs = list((tmp_path / "runs").rglob("config.yaml"))
     lrs = sorted(yaml.safe_load(p.read_text())["training"]["lr"] for p in configs)
     assert lrs == [0.001, 0.002]
-
-

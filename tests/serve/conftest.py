@@ -20,8 +20,11 @@ def tiny_run(tmp_path_factory) -> Path:
     for p in stdlib_sample(20):
         (corpus / p.name).write_bytes(p.read_bytes())
     run = base / "runs" / "tiny"
-    run_cli("train", *tiny_train_args(corpus, run, steps=2, extra=["training.checkpoint_every=2"]),
-            env={"XDG_CACHE_HOME": str(base / "cache"), "OMP_NUM_THREADS": "1"})
+    run_cli(
+        "train",
+        *tiny_train_args(corpus, run, steps=2, extra=["training.checkpoint_every=2"]),
+        env={"XDG_CACHE_HOME": str(base / "cache"), "OMP_NUM_THREADS": "1"},
+    )
     return run
 
 
@@ -41,7 +44,6 @@ def api_key(state_dir) -> str:
 def server(tiny_run, state_dir, api_key):
     """The default settings, max_batch 32, one key ``tester``."""
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
-    s = RunningServer(serve_config(tiny_run, state_dir, max_batch=32, requests_per_minute=100000,
-                                   max_concurrent_per_key=64))
+    s = RunningServer(serve_config(tiny_run, state_dir, max_batch=32, requests_per_minute=100000, max_concurrent_per_key=64))
     yield s
     s.stop()

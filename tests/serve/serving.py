@@ -26,8 +26,9 @@ class RunningServer:
         self.cfg = cfg
         self.asgi, self.app, self.model_id = build(cfg, quiet=quiet)
         self.url = f"http://127.0.0.1:{cfg.serve.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.asgi, host="127.0.0.1", port=cfg.serve.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.asgi, host="127.0.0.1", port=cfg.serve.port, log_level="warning", access_log=False, lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60

@@ -39,8 +39,20 @@ def is_error(j) -> bool:
 
 @pytest.fixture(scope="module")
 def limited(tiny_run, state_dir, api_key):
-    s = RunningServer(serve_config(tiny_run, state_dir, max_body_bytes=20_000, max_tokens=16, max_n=2, max_stop=2,
-                                   max_stop_chars=10, max_logprobs=3, requests_per_minute=1000, max_concurrent_per_key=2))
+    s = RunningServer(
+        serve_config(
+            tiny_run,
+            state_dir,
+            max_body_bytes=20_000,
+            max_tokens=16,
+            max_n=2,
+            max_stop=2,
+            max_stop_chars=10,
+            max_logprobs=3,
+            requests_per_minute=1000,
+            max_concurrent_per_key=2,
+        )
+    )
     yield s
     s.stop()
 
@@ -139,7 +151,7 @@ def test_limits_answer_4xx_before_any_work(limited, api_key):
     status, _, j = call(s, "POST", C, {**base, "prompt": " ".join(f"v{i}" for i in range(200)), "max_tokens": 16}, key=api_key)
     assert status == 400 and "16" in j["error"]["message"] and str(s.scheduler.context) in j["error"]["message"]
     # chunked upload without Content-Length is cut at the limit too
-    chunks = (big[i:i + 4096] for i in range(0, len(big), 4096))
+    chunks = (big[i : i + 4096] for i in range(0, len(big), 4096))
     assert call(s, "POST", C, chunks, key=api_key)[0] == 413
     st, _, j = call(s, "POST", "/v1/chat/completions", {"model": s.model_id, "messages": "hi"}, key=api_key)
     assert st == 400 and is_error(j)
@@ -192,9 +204,23 @@ def test_concurrency_cap_and_queue_bound(limited, api_key):
 def test_no_auth_only_on_loopback(tiny_run, tmp_path):
     from helpers import run_cli
 
-    p = run_cli("serve", f"run_dir={tiny_run}", "serve.auth=false", "serve.host=0.0.0.0",
-                f"serve.keys_db={tmp_path / 'k.db'}", check=False)
+    p = run_cli(
+        "serve",
+        f"run_dir={tiny_run}",
+        "serve.auth=false",
+        "serve.host=0.0.0.0",
+        f"serve.keys_db={tmp_path / 'k.db'}",
+        check=False,
+    )
     assert p.returncode == 2 and "serve.auth" in p.stderr and "loopback" in p.stderr
-    p = run_cli("serve", f"run_dir={tiny_run}", "serve.host=0.0.0.0", "serve.port=0", "device=cpu",
-                f"serve.keys_db={tmp_path / 'empty.db'}", check=False, timeout=120)
+    p = run_cli(
+        "serve",
+        f"run_dir={tiny_run}",
+        "serve.host=0.0.0.0",
+        "serve.port=0",
+        "device=cpu",
+        f"serve.keys_db={tmp_path / 'empty.db'}",
+        check=False,
+        timeout=120,
+    )
     assert p.returncode == 2 and "no active key" in p.stderr

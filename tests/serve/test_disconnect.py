@@ -34,8 +34,7 @@ def slow(tiny_run, tmp_path_factory):
 def open_request(s, key, stream: bool):
     c = http.client.HTTPConnection("127.0.0.1", s.cfg.serve.port, timeout=30)
     body = {"model": s.model_id, "prompt": "def", "max_tokens": 60, "temperature": 0, "stream": stream}
-    c.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {key}",
-                                                             "Content-Type": "application/json"})
+    c.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     return c
 
 

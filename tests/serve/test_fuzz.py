@@ -16,8 +16,11 @@ from serve.serving import RunningServer, serve_config
 def fuzzed(tiny_run, tmp_path_factory):
     state = tmp_path_factory.mktemp("fuzz")
     key = KeyStore(state / "keys.db").create("fuzz")
-    s = RunningServer(serve_config(tiny_run, state, max_tokens=8, max_n=2, requests_per_minute=10**6,
-                                   tokens_per_minute=10**9, max_concurrent_per_key=64))
+    s = RunningServer(
+        serve_config(
+            tiny_run, state, max_tokens=8, max_n=2, requests_per_minute=10**6, tokens_per_minute=10**9, max_concurrent_per_key=64
+        )
+    )
     yield s, key
     s.stop()
 
@@ -40,9 +43,11 @@ def test_no_input_gets_a_5xx(api_schema, fuzzed):
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/v1/models"}
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
             @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=15, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck),
-                      database=None)
+            @settings(
+                max_examples=15, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck), database=None
+            )
             def check(case):
                 calls.append(case.path)
                 response = case.call(base_url=s.url, headers=headers, timeout=30)

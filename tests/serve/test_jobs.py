@@ -26,9 +26,21 @@ def roots(tmp_path):
 
 
 def overrides(data: Path, name: str, steps: int, *extra: str) -> list[str]:
-    return [*TINY_MODEL, f"training.max_steps={steps}", "data.source=files", f"data.paths=[{data}]", "data.seq_len=32",
-            "data.num_workers=0", "tokenizer.vocab_size=300", "training.batch_size=4", "training.eval_every=0",
-            "training.sample_tokens=0", "tracking.mlflow=false", f"run.name={name}", *extra]
+    return [
+        *TINY_MODEL,
+        f"training.max_steps={steps}",
+        "data.source=files",
+        f"data.paths=[{data}]",
+        "data.seq_len=32",
+        "data.num_workers=0",
+        "tokenizer.vocab_size=300",
+        "training.batch_size=4",
+        "training.eval_every=0",
+        "training.sample_tokens=0",
+        "tracking.mlflow=false",
+        f"run.name={name}",
+        *extra,
+    ]
 
 
 def refused(manager, command, ov) -> str:
@@ -58,7 +70,8 @@ def test_overrides_are_checked_and_paths_confined(roots):
     assert "runs root" in refused(m, "evaluate", ["run_dir=/etc"])
     assert "checkpoint" in refused(m, "evaluate", [f"run_dir={runs}/ok", "checkpoint=/etc"])
     assert JobManager(tmp / "s2", runs_root=str(runs), data_root=None) and "data_root" in refused(
-        JobManager(tmp / "s2", runs_root=str(runs), data_root=None), "train", overrides(data / "code", "x", 5))
+        JobManager(tmp / "s2", runs_root=str(runs), data_root=None), "train", overrides(data / "code", "x", 5)
+    )
 
 
 def wait(manager, job_id, states, timeout=240):
@@ -86,8 +99,10 @@ def test_a_training_job_is_cancelled_with_a_checkpoint_and_resumes_after_a_crash
         job = m.submit("train", overrides(data / "code", "cancel-me", 5000, "training.checkpoint_every=1000"))
         wait(m, job["id"], {"running"})
         end = time.time() + 240
-        while not (runs / "cancel-me" / "metrics.ndjson").exists() or "train_loss" not in (
-                runs / "cancel-me" / "metrics.ndjson").read_text():
+        while (
+            not (runs / "cancel-me" / "metrics.ndjson").exists()
+            or "train_loss" not in (runs / "cancel-me" / "metrics.ndjson").read_text()
+        ):
             assert time.time() < end, m.logs(job["id"])[-500:]
             time.sleep(0.5)
         assert m.cancel(job["id"])["state"] == "cancelling"

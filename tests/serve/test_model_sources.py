@@ -32,8 +32,10 @@ def test_exported_folder_serves_like_its_run(tiny_run, tmp_path):
     run_cli("export", f"run_dir={tiny_run}", f"out={out}")
     apps = []
     try:
-        for cfg in (ServeCommandConfig(run_dir=str(tiny_run), device="cpu", serve=ServeConfig(keys_db=str(tmp_path / "k.db"))),
-                    ServeCommandConfig(device="cpu", serve=ServeConfig(model_path=str(out), keys_db=str(tmp_path / "k.db")))):
+        for cfg in (
+            ServeCommandConfig(run_dir=str(tiny_run), device="cpu", serve=ServeConfig(keys_db=str(tmp_path / "k.db"))),
+            ServeCommandConfig(device="cpu", serve=ServeConfig(model_path=str(out), keys_db=str(tmp_path / "k.db"))),
+        ):
             _, app, model_id = build(cfg, quiet=True)
             apps.append((app, model_id))
         (native, native_id), (hf, hf_id) = apps

@@ -73,11 +73,16 @@ def test_request_log_rows_mask_secrets_and_the_console_holds_no_content(logged, 
     status, _ = post(s, "/v1/completions", {"model": s.model_id, "prompt": prompt, "max_tokens": 3, "temperature": 0}, key)
     assert status == 200
     post(s, "/v1/completions", {"model": s.model_id, "prompt": "x", "max_tokens": 1000}, key)  # a 400
-    rows = [dict(zip(("key_name", "route", "status", "prompt_tokens", "completion_tokens", "prompt"), r)) for r in
-            sqlite3.connect(state / "requests.db").execute(
-                "SELECT key_name, route, status, prompt_tokens, completion_tokens, prompt FROM requests ORDER BY time")]
+    rows = [
+        dict(zip(("key_name", "route", "status", "prompt_tokens", "completion_tokens", "prompt"), r))
+        for r in sqlite3.connect(state / "requests.db").execute(
+            "SELECT key_name, route, status, prompt_tokens, completion_tokens, prompt FROM requests ORDER BY time"
+        )
+    ]
     assert [(r["key_name"], r["route"], r["status"]) for r in rows[-2:]] == [
-        ("logger", "/v1/completions", 200), ("logger", "/v1/completions", 400)]
+        ("logger", "/v1/completions", 200),
+        ("logger", "/v1/completions", 400),
+    ]
     assert rows[-2]["completion_tokens"] == 3 and GH not in rows[-2]["prompt"]
     console = capfd.readouterr()
     assert "POST /v1/completions 200" in console.err

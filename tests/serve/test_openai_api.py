@@ -53,8 +53,12 @@ def test_streaming_adds_up_to_the_same_text(server, client):
     assert usage is not None and usage.completion_tokens >= 1
     # the raw stream is server-sent events ending with [DONE]
     c = http.client.HTTPConnection("127.0.0.1", server.cfg.serve.port, timeout=30)
-    c.request("POST", "/v1/completions", json.dumps({**kw, "stream": True}),
-              {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"})
+    c.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({**kw, "stream": True}),
+        {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"},
+    )
     r = c.getresponse()
     lines = [ln for ln in r.read().decode().splitlines() if ln.strip()]
     assert r.status == 200 and "text/event-stream" in r.getheader("Content-Type")
@@ -79,8 +83,8 @@ def test_stop_strings_match_across_token_boundaries(server, client, reference):
     # a stop string that starts inside one token and ends inside the next
     i = next(k for k in range(len(pieces) - 1) if len(pieces[k]) >= 2 and pieces[k + 1])
     start = sum(len(p) for p in pieces[:i]) + len(pieces[i]) - 1
-    stop = ref.text[start:start + 2]
-    want = ref.text[:ref.text.find(stop)]
+    stop = ref.text[start : start + 2]
+    want = ref.text[: ref.text.find(stop)]
     r = client.completions.create(**kw, stop=[stop]).choices[0]
     assert (r.text, r.finish_reason) == (want, "stop")
     streamed = "".join(c.text for ev in client.completions.create(**kw, stop=stop, stream=True) for c in ev.choices)
@@ -97,10 +101,12 @@ def test_logprobs_echo_and_suffix(server, client, reference):
     echo = client.completions.create(**kw, echo=True, logprobs=0).choices[0]
     assert echo.text.startswith(PROMPT) and (PROMPT + ref.text).startswith(echo.text)
     assert echo.logprobs.token_logprobs[0] is None and len(echo.logprobs.tokens) == len(tok.encode(PROMPT)) + 4
-    r = client.completions.create(model=server.model_id, prompt="def add(a, b):\n    ", suffix="\n    return c\n",
-                                  max_tokens=6, temperature=0)
-    assert isinstance(r.choices[0].text, str) and r.usage.prompt_tokens == 3 + len(tok.encode("def add(a, b):\n    ")) \
-        + len(tok.encode("\n    return c\n"))
+    r = client.completions.create(
+        model=server.model_id, prompt="def add(a, b):\n    ", suffix="\n    return c\n", max_tokens=6, temperature=0
+    )
+    assert isinstance(r.choices[0].text, str) and r.usage.prompt_tokens == 3 + len(tok.encode("def add(a, b):\n    ")) + len(
+        tok.encode("\n    return c\n")
+    )
 
 
 def test_chat_streamed_and_not(server, client):

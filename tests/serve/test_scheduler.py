@@ -116,14 +116,18 @@ def test_seeded_sampling_is_reproducible_per_sequence(loaded):
     model, tok = loaded
     sched = Scheduler(model, tok, max_batch=8, max_queue=8).start()
     try:
+
         def sample(seed, company):
             c = Collector()
             seqs = [Sequence([tok.eos_id], SamplingSettings(max_new_tokens=10, temperature=1.0, seed=seed), c)]
-            seqs += [Sequence([tok.eos_id], SamplingSettings(max_new_tokens=10, temperature=1.0, seed=s), Collector())
-                     for s in range(company)]
+            seqs += [
+                Sequence([tok.eos_id], SamplingSettings(max_new_tokens=10, temperature=1.0, seed=s), Collector())
+                for s in range(company)
+            ]
             sched.submit(seqs)
             assert c.done.wait(60)
             return c.tokens
+
         assert sample(7, 0) == sample(7, 5)
     finally:
         sched.stop(30)

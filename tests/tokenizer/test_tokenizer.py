@@ -29,8 +29,13 @@ def texts(corpus_dir):
 def trained(request, texts, tmp_path_factory):
     tok = train_tokenizer(request.param, texts, 600, SpecialTokens(extra=["<|im_start|>", "<|im_end|>"]))
     d = tmp_path_factory.mktemp(request.param)
-    tok.save(d, ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<|im_start|>", "<|im_end|>"],
-             model_max_length=128, padding_side="left", truncation_side="left")
+    tok.save(
+        d,
+        ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<|im_start|>", "<|im_end|>"],
+        model_max_length=128,
+        padding_side="left",
+        truncation_side="left",
+    )
     return request.param, tok, d
 
 

@@ -15,8 +15,13 @@ import pytest
 
 from helpers import run_cli, tiny_train_args
 
-TRACKED_ARGS = ["tracking.mlflow=true", "tracking.tensorboard=true", "tracking.system_every_s=0.1", "tracking.log_model=true",
-                "training.lr=0.003"]
+TRACKED_ARGS = [
+    "tracking.mlflow=true",
+    "tracking.tensorboard=true",
+    "tracking.system_every_s=0.1",
+    "tracking.log_model=true",
+    "training.lr=0.003",
+]
 
 
 @dataclass
@@ -47,7 +52,9 @@ def repro_runs(corpus_dir, tmp_path_factory) -> tuple[Path, Path]:
     env = {"XDG_CACHE_HOME": str(root / "cache")}
     runs = (root / "runs" / "r1", root / "runs" / "r2")
     for run in runs:
-        run_cli("train", *tiny_train_args(corpus_dir, run, steps=12,
-                                          extra=["training.deterministic=true", "training.seed=5"]), env=env)
+        run_cli(
+            "train",
+            *tiny_train_args(corpus_dir, run, steps=12, extra=["training.deterministic=true", "training.seed=5"]),
+            env=env,
+        )
     return runs
-

@@ -53,7 +53,8 @@ def test_embedded_store_has_params_metric_histories_tags_and_artifacts(tracked_r
         assert [(m.step, m.value) for m in history] == [(e["step"], pytest.approx(e[key])) for e in train], key
     val = client.get_metric_history(run.info.run_id, "val_loss")
     assert sorted((m.step, m.value) for m in val) == [
-        (e["step"], pytest.approx(e["val_loss"])) for e in events(tracked_run.path, "eval")]
+        (e["step"], pytest.approx(e["val_loss"])) for e in events(tracked_run.path, "eval")
+    ]
     assert [m.step for m in val] and {m.step for m in val} == {8, 12}
     assert client.get_metric_history(run.info.run_id, "system/cpu_percent")
 
@@ -67,7 +68,9 @@ def test_embedded_store_has_params_metric_histories_tags_and_artifacts(tracked_r
     assert {"config.yaml", "env.json", "report.html", "checkpoint"} <= artifacts
     # tracking.log_model=true: each process logged its final checkpoint
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {
-        "checkpoint/step_00000008", "checkpoint/step_00000012"}
+        "checkpoint/step_00000008",
+        "checkpoint/step_00000012",
+    }
     files = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, "checkpoint/step_00000012")}
     assert {"model.safetensors", "manifest.json", "COMPLETE"} <= files
     local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
@@ -86,10 +89,28 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
-                 "--artifacts-destination", str(workdir / "server-artifacts")],
-                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{workdir / 'server.db'}",
+                    "--artifacts-destination",
+                    str(workdir / "server-artifacts"),
+                ],
+                cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.time() + 90
         while not self._healthy():
             assert self.proc.poll() is None and time.time() < deadline, self.log_path.read_text()[-3000:]
@@ -141,9 +162,12 @@ def test_tracking_server_on_loopback_and_gone_mid_run(mlflow_server, corpus_dir,
     gone = tmp_path / "runs" / "server-gone"
     log = tmp_path / "gone.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([*CLI, "train", *tiny_train_args(corpus_dir, gone, steps=100_000, extra=extra)],
-                                stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        proc = subprocess.Popen(
+            [*CLI, "train", *tiny_train_args(corpus_dir, gone, steps=100_000, extra=extra)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+        )
         try:
             deadline = time.time() + 120
             while not any(r.info.run_name == "server-gone" and r.data.metrics for r in all_runs(client)):

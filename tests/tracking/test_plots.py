@@ -19,8 +19,11 @@ def test_nice_ticks_are_round_and_cover_the_range():
 
 
 def test_chart_draws_a_line_per_series_with_gaps():
-    svg = line_chart("Loss <train>", [Series("train_loss", [(1, 3.0), (2, math.nan), (3, 2.5), (4, 2.0)]),
-                                      Series("val_loss", [(4, 2.2)])], y_label="loss")
+    svg = line_chart(
+        "Loss <train>",
+        [Series("train_loss", [(1, 3.0), (2, math.nan), (3, 2.5), (4, 2.0)]), Series("val_loss", [(4, 2.2)])],
+        y_label="loss",
+    )
     assert svg.startswith("<svg") and svg.endswith("</svg>") and "<title>Loss &lt;train&gt;</title>" in svg
     paths = re.findall(r'<path class="series" d="([^"]*)"', svg)
     assert len(paths) == 2

@@ -42,8 +42,10 @@ def browser() -> Iterator[Browser]:
             # The page's requests are told from Chromium's own by the request events, not by this dead proxy: it
             # only keeps the browser's housekeeping (component updates, network time) off the network.
             launched = playwright.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
-                args=["--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"])
+                executable_path=CHROMIUM,
+                headless=True,
+                args=["--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"],
+            )
         except Error as e:
             pytest.fail(f"Playwright {version('playwright')} cannot drive {CHROMIUM} ({_chromium_version()}): {e}")
         yield launched
@@ -85,8 +87,7 @@ def render(browser: Browser, page: Path) -> Rendered:
             return box && box.width > 0 && box.height > 0 && line && line.getTotalLength() > 0;
         }).length""")
     except Error as e:
-        pytest.fail(f"Playwright {version('playwright')} could not render {page} in {CHROMIUM} "
-                    f"({browser.version}): {e}")
+        pytest.fail(f"Playwright {version('playwright')} could not render {page} in {CHROMIUM} ({browser.version}): {e}")
     finally:
         context.close()
     return Rendered(dom, [u for u in requests if u != page.as_uri()], remote, drawn)
@@ -108,10 +109,16 @@ def test_the_network_check_catches_a_page_that_loads_from_the_network(browser, t
         '<script src="http://js.example.invalid/app.js"></script></head><body><img src="http://example.invalid/logo.png">'
         '<iframe srcdoc="<img src=https://frame.example.invalid/pixel.gif>"></iframe>'
         '<script>fetch("https://api.example.invalid/beacon"); new WebSocket("wss://ws.example.invalid/live");</script>'
-        '</body></html>')
+        "</body></html>"
+    )
     r = render(browser, page)
-    fetched = ["http://example.invalid/logo.png", "http://js.example.invalid/app.js", "https://api.example.invalid/beacon",
-               "https://cdn.example.invalid/style.css", "https://frame.example.invalid/pixel.gif"]
+    fetched = [
+        "http://example.invalid/logo.png",
+        "http://js.example.invalid/app.js",
+        "https://api.example.invalid/beacon",
+        "https://cdn.example.invalid/style.css",
+        "https://frame.example.invalid/pixel.gif",
+    ]
     assert sorted(r.requests) == fetched
     assert sorted(r.remote) == sorted([*fetched, "wss://ws.example.invalid/live"])
     assert "<iframe" in r.dom and r.drawn_plots == 0
@@ -135,11 +142,15 @@ def test_report_command_with_evaluation_results(browser, tracked_run, tmp_path):
     for name in ("config.yaml", "env.json", "metrics.ndjson"):
         shutil.copy(tracked_run.path / name, run / name)
     (run / "eval").mkdir()
-    (run / "eval" / "results.json").write_text(json.dumps({
-        "checkpoint": "step_00000012",
-        "loss": {"loss": 5.61, "perplexity": 273.1, "accuracy": 0.031},
-        "humaneval": {"pass@1": 0.125, "pass@10": 0.5, "n": 10, "problems": 164, "ci": {"pass@1": [0.1, 0.15]}},
-    }))
+    (run / "eval" / "results.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": "step_00000012",
+                "loss": {"loss": 5.61, "perplexity": 273.1, "accuracy": 0.031},
+                "humaneval": {"pass@1": 0.125, "pass@10": 0.5, "n": 10, "problems": 164, "ci": {"pass@1": [0.1, 0.15]}},
+            }
+        )
+    )
     out = run_cli("report", f"run_dir={run}")
     assert out.stdout.strip() == f"report: {run / 'report.html'}"
     html = (run / "report.html").read_text()
@@ -175,8 +186,9 @@ def test_a_folder_that_is_not_a_run_is_refused_and_nothing_written(tracked_run, 
     empty.mkdir()
     out = run_cli("report", f"run_dir={empty}", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == (f"error: {empty} is not a run folder: it has no config.yaml and no metrics.ndjson "
-                                  "(codex-ml train writes them)")
+    assert out.stderr.strip() == (
+        f"error: {empty} is not a run folder: it has no config.yaml and no metrics.ndjson (codex-ml train writes them)"
+    )
     assert list(empty.iterdir()) == []
 
     starting = tmp_path / "starting"  # a run that has not logged a step yet

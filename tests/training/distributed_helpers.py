@@ -18,15 +18,22 @@ def _env() -> dict:
 
 def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """`codex-ml train ARGS` on two gloo ranks; fails the test with the output when it fails."""
-    proc = subprocess.run([*TORCHRUN, "-m", "codex_ml.cli", "train", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=_env())
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "codex_ml.cli", "train", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env()
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def start_torchrun(args: list[str], cwd: Path, log) -> subprocess.Popen:
-    return subprocess.Popen([*TORCHRUN, "-m", "codex_ml.cli", "train", *args], cwd=cwd, env=_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [*TORCHRUN, "-m", "codex_ml.cli", "train", *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def workers(pid: int) -> list[int]:

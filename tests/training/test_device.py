@@ -13,9 +13,16 @@ def restore_matmul_precision():
     torch.set_float32_matmul_precision(before)
 
 
-@pytest.mark.parametrize("device, precision, wanted", [
-    ("cuda", "fp32", "high"), ("cuda", "bf16", None), ("cuda", "fp16", None), ("cpu", "fp32", None), ("cpu", "bf16", None),
-])
+@pytest.mark.parametrize(
+    "device, precision, wanted",
+    [
+        ("cuda", "fp32", "high"),
+        ("cuda", "bf16", None),
+        ("cuda", "fp16", None),
+        ("cpu", "fp32", None),
+        ("cpu", "bf16", None),
+    ],
+)
 def test_fp32_training_on_cuda_asks_for_tf32(device, precision, wanted):
     assert fp32_matmul_precision(torch.device(device), precision) == wanted
 
@@ -52,6 +59,9 @@ def test_on_a_gpu_fp32_training_runs_tf32_and_reports_against_it(restore_matmul_
 
 
 def test_gpus_without_tf32_are_measured_at_their_fp32_rate():
-    assert peak_flops_of("Tesla V100-SXM2-16GB", "fp32", "high") == peak_flops_of("Tesla V100-SXM2-16GB", "fp32",
-                                                                                   "highest") == 15.7e12
+    assert (
+        peak_flops_of("Tesla V100-SXM2-16GB", "fp32", "high")
+        == peak_flops_of("Tesla V100-SXM2-16GB", "fp32", "highest")
+        == 15.7e12
+    )
     assert peak_flops_of("Tesla V100-SXM2-16GB", "fp16", "high") == 125e12

@@ -35,25 +35,44 @@ def test_two_ranks_with_half_batches_equal_one_process(corpus_dir, tmp_path):
     ddp = tmp_path / "ddp"
     # per rank: 2 windows; the two ranks' windows together are the single run's batch of 4
     args = tiny_train_args(corpus_dir, ddp, steps=8, extra=["training.batch_size=2", "training.deterministic=true"])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "codex_ml.cli", "train", *args],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "codex_ml.cli",
+            "train",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = train_losses(single), train_losses(ddp)
     assert len(a) == len(b) == 8
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     assert proc.stdout.count("run folder:") == 1  # rank 1 trains quietly
-    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == sorted(
-        p.name for p in (single / "checkpoints").iterdir())
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == sorted(p.name for p in (single / "checkpoints").iterdir())
 
 
 def test_two_ranks_with_dropout_killed_and_resumed_end_bit_identical(corpus_dir, tmp_path):
     """Each rank draws its own dropout masks (seeded seed + rank): a resumed run continues every
     rank's random streams and data position, so its final weights equal an uninterrupted run's."""
     steps = 24
-    extra = ["model.dropout=0.1", "training.batch_size=2", "training.deterministic=true", "training.checkpoint_every=4",
-             "training.log_every=1", "training.sample_tokens=0"]
+    extra = [
+        "model.dropout=0.1",
+        "training.batch_size=2",
+        "training.deterministic=true",
+        "training.checkpoint_every=4",
+        "training.log_every=1",
+        "training.sample_tokens=0",
+    ]
     ref = tmp_path / "ref"
     torchrun(tiny_train_args(corpus_dir, ref, steps=steps, extra=extra), cwd=tmp_path)
     run = tmp_path / "killed"
@@ -96,8 +115,9 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_checkpoint(corpus_dir, t
             p.wait(timeout=60)
         except subprocess.TimeoutExpired:
             kill_all(p)
-            raise AssertionError("still running 60 s after SIGTERM to one rank: "
-                                 + (tmp_path / "log").read_text()[-3000:]) from None
+            raise AssertionError(
+                "still running 60 s after SIGTERM to one rank: " + (tmp_path / "log").read_text()[-3000:]
+            ) from None
     assert not any(Path(f"/proc/{pid}").exists() for pid in kids)
     saved = complete_checkpoints(run)
     assert len(saved) == 1, saved

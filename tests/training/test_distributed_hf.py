@@ -22,11 +22,31 @@ def hf_dirs(corpus_dir, tmp_path_factory):
     ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
     models = {
-        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)),
-        "qwen2": Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=64, **ids)),
+        "gpt2": GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(tok),
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                **ids,
+            )
+        ),
+        "qwen2": Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                **ids,
+            )
+        ),
     }
     for name, m in models.items():
         m.save_pretrained(str(root / name))
@@ -45,9 +65,19 @@ def train_losses(run_dir):
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_ranks_with_half_batches_equal_one_process(hf_dirs, corpus_dir, tmp_path, arch, lora):
-    common = ["model=hf", f"model.path={hf_dirs / arch}", *data_args(corpus_dir), "training.max_steps=3",
-              "training.checkpoint_every=3", "training.log_every=1", "training.eval_batches=1",
-              "training.warmup_steps=1", "training.lr=0.01", "training.deterministic=true", "tracking.mlflow=false"]
+    common = [
+        "model=hf",
+        f"model.path={hf_dirs / arch}",
+        *data_args(corpus_dir),
+        "training.max_steps=3",
+        "training.checkpoint_every=3",
+        "training.log_every=1",
+        "training.eval_batches=1",
+        "training.warmup_steps=1",
+        "training.lr=0.01",
+        "training.deterministic=true",
+        "tracking.mlflow=false",
+    ]
     if lora:
         common += ["lora.enabled=true", f"lora.target_modules={LORA[arch]}"]
     one, two = tmp_path / "one", tmp_path / "two"

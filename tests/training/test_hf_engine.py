@@ -17,8 +17,15 @@ from codex_ml.models.loss import IGNORE_INDEX
 from helpers import CLI, data_args, run_cli
 from training.distributed_helpers import complete_checkpoints, events
 
-FAST = ["training.engine=hf", "training.log_every=1", "training.eval_batches=1", "training.warmup_steps=2",
-        "training.sample_tokens=0", "training.deterministic=true", "tracking.mlflow=false"]
+FAST = [
+    "training.engine=hf",
+    "training.log_every=1",
+    "training.eval_batches=1",
+    "training.warmup_steps=2",
+    "training.sample_tokens=0",
+    "training.deterministic=true",
+    "tracking.mlflow=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +36,20 @@ def llama_dir(corpus_dir, tmp_path_factory):
     run_cli("tokenizer", *data_args(corpus_dir), f"out={root / 'tok'}")
     tok = AutoTokenizer.from_pretrained(str(root / "tok"))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+        )
+    )
     model.save_pretrained(str(root / "llama"))
     tok.save_pretrained(str(root / "llama"))
     return root / "llama"
@@ -40,13 +58,25 @@ def llama_dir(corpus_dir, tmp_path_factory):
 def test_tokens_are_the_target_tokens_of_each_step(llama_dir, tmp_path):
     """SFT rows hold different numbers of target tokens; the count is theirs, not batch x seq x accumulation."""
     data = tmp_path / "sft.jsonl"
-    records = [{"prompt": f"def f_{i}(x):\n", "completion": "    x = x + 1\n" * (1 + i % 5) + "    return x\n"}
-               for i in range(48)]
+    records = [
+        {"prompt": f"def f_{i}(x):\n", "completion": "    x = x + 1\n" * (1 + i % 5) + "    return x\n"} for i in range(48)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     run = tmp_path / "run"
-    run_cli("train", "model=hf", f"model.path={llama_dir}", "data.source=sft", f"data.paths=[{data}]", "data.seq_len=64",
-            "data.pack=false", "training.max_steps=3", "training.batch_size=4", "training.grad_accum=2",
-            f"run.dir={run}", *FAST)
+    run_cli(
+        "train",
+        "model=hf",
+        f"model.path={llama_dir}",
+        "data.source=sft",
+        f"data.paths=[{data}]",
+        "data.seq_len=64",
+        "data.pack=false",
+        "training.max_steps=3",
+        "training.batch_size=4",
+        "training.grad_accum=2",
+        f"run.dir={run}",
+        *FAST,
+    )
     # the batches the run trained on, drawn again from its cached rows in its order
     rows_dir = json.loads((run / "env.json").read_text())["dataset"]["path"]
     rows = Rows(*(np.load(f"{rows_dir}/train_{n}.npy") for n in ("input_ids", "labels", "position_ids", "segments")))
@@ -60,8 +90,15 @@ def test_tokens_are_the_target_tokens_of_each_step(llama_dir, tmp_path):
 @pytest.mark.slow
 def test_killed_after_a_checkpoint_resumes_with_no_batch_skipped_or_repeated(llama_dir, corpus_dir, tmp_path):
     steps = 12
-    args = ["model=hf", f"model.path={llama_dir}", *data_args(corpus_dir), f"training.max_steps={steps}",
-            "training.checkpoint_every=3", "training.batch_size=4", *FAST]
+    args = [
+        "model=hf",
+        f"model.path={llama_dir}",
+        *data_args(corpus_dir),
+        f"training.max_steps={steps}",
+        "training.checkpoint_every=3",
+        "training.batch_size=4",
+        *FAST,
+    ]
     ref = tmp_path / "ref"
     run_cli("train", *args, f"run.dir={ref}")
     run = tmp_path / "killed"

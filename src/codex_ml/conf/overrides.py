@@ -13,9 +13,16 @@ import re
 TEXT_KEYS = {"prompt", "suffix", "training.sample_prompt"}
 
 VALIDATORS = {
-    "train": "validate_train", "tokenizer_command": "validate_tokenizer_command", "generate": "validate_generate",
-    "evaluate": "validate_evaluate", "evaluate_samples": "validate_evaluate_samples", "report": "validate_report",
-    "compare": "validate_compare", "export": "validate_export", "serve": "validate_serve", "keys": "validate_keys",
+    "train": "validate_train",
+    "tokenizer_command": "validate_tokenizer_command",
+    "generate": "validate_generate",
+    "evaluate": "validate_evaluate",
+    "evaluate_samples": "validate_evaluate_samples",
+    "report": "validate_report",
+    "compare": "validate_compare",
+    "export": "validate_export",
+    "serve": "validate_serve",
+    "keys": "validate_keys",
 }
 
 

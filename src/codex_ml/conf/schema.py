@@ -285,7 +285,6 @@ class ExportConfig:
     dtype: str = "fp32"
 
 
-
 @dataclass
 class ServeConfig:
     """The HTTP server's settings (`codex-ml serve`, `codex-ml keys`); see docs/serving.md."""
@@ -352,7 +351,8 @@ def validate_model(m: ModelConfig) -> None:
     _one_of(m.attention, ("sdpa", "flex"), "model.attention")
     _require(
         m.device in ("auto", "cpu", "cuda", "mps") or m.device.startswith("cuda:"),
-        "model.device", f"must be cpu, cuda, cuda:N or auto; got {m.device!r}",
+        "model.device",
+        f"must be cpu, cuda, cuda:N or auto; got {m.device!r}",
     )
     if m.kind == "hf":
         _require(bool(m.path), "model.path", "model=hf needs model.path=DIR, a local Hugging Face model directory")
@@ -387,16 +387,20 @@ def validate_data_safety(d: DataConfig) -> None:
     for name in d.redact_detectors:
         _one_of(name, DETECTORS, "data.redact_detectors")
     _require(d.near_dedup_ngram >= 1, "data.near_dedup_ngram", f"must be >= 1; got {d.near_dedup_ngram}")
-    _require(2 <= d.near_dedup_num_perm <= 4096, "data.near_dedup_num_perm",
-             f"must be in [2, 4096]; got {d.near_dedup_num_perm}")
-    _require(0.0 < d.near_dedup_threshold < 1.0, "data.near_dedup_threshold",
-             f"must be in (0, 1); got {d.near_dedup_threshold}")
-    _require(0.0 < d.decontaminate_threshold < 1.0, "data.decontaminate_threshold",
-             f"must be in (0, 1); got {d.decontaminate_threshold}")
+    _require(2 <= d.near_dedup_num_perm <= 4096, "data.near_dedup_num_perm", f"must be in [2, 4096]; got {d.near_dedup_num_perm}")
+    _require(0.0 < d.near_dedup_threshold < 1.0, "data.near_dedup_threshold", f"must be in (0, 1); got {d.near_dedup_threshold}")
+    _require(
+        0.0 < d.decontaminate_threshold < 1.0,
+        "data.decontaminate_threshold",
+        f"must be in (0, 1); got {d.decontaminate_threshold}",
+    )
     _require(d.decontaminate_ngram >= 1, "data.decontaminate_ngram", f"must be >= 1; got {d.decontaminate_ngram}")
     for name in d.decontaminate:
-        _require(name == "humaneval" or name.endswith(".jsonl"), "data.decontaminate",
-                 f"unknown benchmark {name!r}: use humaneval or a .jsonl file")
+        _require(
+            name == "humaneval" or name.endswith(".jsonl"),
+            "data.decontaminate",
+            f"unknown benchmark {name!r}: use humaneval or a .jsonl file",
+        )
     _require(len(d.decontaminate_fields) > 0, "data.decontaminate_fields", "must name at least one field")
 
 
@@ -410,8 +414,11 @@ def validate_tokenizer(t: TokenizerConfig) -> None:
     _require(t.train_bytes >= 1, "tokenizer.train_bytes", "must be >= 1")
     specials = [t.eos_token, t.pad_token, t.fim_prefix_token, t.fim_middle_token, t.fim_suffix_token]
     _require(all(specials), "tokenizer.eos_token", "special tokens must be non-empty")
-    _require(len(set(specials + list(t.extra_special_tokens))) == len(specials) + len(t.extra_special_tokens),
-             "tokenizer.extra_special_tokens", "special tokens must be distinct")
+    _require(
+        len(set(specials + list(t.extra_special_tokens))) == len(specials) + len(t.extra_special_tokens),
+        "tokenizer.extra_special_tokens",
+        "special tokens must be distinct",
+    )
 
 
 def validate_training(t: TrainingConfig) -> None:
@@ -446,8 +453,11 @@ def validate_lora(lo: LoraConfig) -> None:
     _require(lo.r >= 1, "lora.r", f"must be >= 1; got {lo.r}")
     _require(lo.alpha > 0, "lora.alpha", f"must be > 0; got {lo.alpha}")
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-    _require(all(isinstance(t, str) and t.strip() for t in lo.target_modules), "lora.target_modules",
-             "names modules by name; an empty name matches nothing (leave the list empty for the architecture's default)")
+    _require(
+        all(isinstance(t, str) and t.strip() for t in lo.target_modules),
+        "lora.target_modules",
+        "names modules by name; an empty name matches nothing (leave the list empty for the architecture's default)",
+    )
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -459,7 +469,8 @@ def validate_train(cfg: TrainConfig) -> None:
     validate_lora(cfg.lora)
     if cfg.model.kind == "native" and cfg.data.seq_len is not None:
         _require(
-            cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len",
+            cfg.data.seq_len <= cfg.model.max_seq_len,
+            "data.seq_len",
             f"{cfg.data.seq_len} exceeds the model's context model.max_seq_len={cfg.model.max_seq_len}",
         )
 
@@ -505,8 +516,11 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
     _one_of(cfg.split, ("val", "train"), "split")
     if cfg.data_source is not None:
         _one_of(cfg.data_source, ("stdlib", "files", "jsonl", "hf_disk"), "data_source")
-        _require(cfg.data_source == "stdlib" or len(cfg.data_paths) > 0, "data_paths",
-                 f"data_source={cfg.data_source} needs data_paths=[...]")
+        _require(
+            cfg.data_source == "stdlib" or len(cfg.data_paths) > 0,
+            "data_paths",
+            f"data_source={cfg.data_source} needs data_paths=[...]",
+        )
 
 
 def validate_report(cfg: ReportConfig) -> None:
@@ -524,7 +538,6 @@ def validate_export(cfg: ExportConfig) -> None:
     _one_of(cfg.dtype, PRECISIONS, "dtype")
 
 
-
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine (localhost, 127.0.0.0/8, ::1)."""
     import ipaddress
@@ -539,8 +552,18 @@ def is_loopback(host: str) -> bool:
 
 def validate_serve_settings(s: ServeConfig) -> None:
     _require(0 <= s.port <= 65535, "serve.port", f"must be in [0, 65535]; got {s.port}")
-    for key in ("max_batch", "max_queue", "max_body_bytes", "max_tokens", "max_n", "max_prompts", "max_stop_chars",
-                "requests_per_minute", "tokens_per_minute", "max_concurrent_per_key"):
+    for key in (
+        "max_batch",
+        "max_queue",
+        "max_body_bytes",
+        "max_tokens",
+        "max_n",
+        "max_prompts",
+        "max_stop_chars",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "max_concurrent_per_key",
+    ):
         _require(getattr(s, key) >= 1, f"serve.{key}", f"must be >= 1; got {getattr(s, key)}")
     _require(s.max_stop >= 0, "serve.max_stop", f"must be >= 0; got {s.max_stop}")
     _require(s.max_logprobs >= 0, "serve.max_logprobs", f"must be >= 0; got {s.max_logprobs}")
@@ -549,12 +572,18 @@ def validate_serve_settings(s: ServeConfig) -> None:
 
 
 def validate_serve(cfg: ServeCommandConfig) -> None:
-    _require(bool(cfg.run_dir) != bool(cfg.serve.model_path), "run_dir",
-             "codex-ml serve needs run_dir=RUN or serve.model_path=DIR (an exported Hugging Face folder), not both")
+    _require(
+        bool(cfg.run_dir) != bool(cfg.serve.model_path),
+        "run_dir",
+        "codex-ml serve needs run_dir=RUN or serve.model_path=DIR (an exported Hugging Face folder), not both",
+    )
     validate_serve_settings(cfg.serve)
     if not cfg.serve.auth:
-        _require(is_loopback(cfg.serve.host), "serve.auth",
-                 f"false is allowed only on a loopback host; serve.host={cfg.serve.host} is not one")
+        _require(
+            is_loopback(cfg.serve.host),
+            "serve.auth",
+            f"false is allowed only on a loopback host; serve.host={cfg.serve.host} is not one",
+        )
 
 
 def validate_keys(cfg: KeysConfig) -> None:

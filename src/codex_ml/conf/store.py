@@ -17,11 +17,18 @@ from codex_ml.conf.schema import (
     TrainConfig,
 )
 
-SCHEMAS = {"train_schema": TrainConfig, "tokenizer_command_schema": TokenizerCommandConfig,
-           "generate_schema": GenerateConfig, "evaluate_schema": EvaluateConfig,
-           "evaluate_samples_schema": EvaluateSamplesConfig, "report_schema": ReportConfig,
-           "compare_schema": CompareConfig, "export_schema": ExportConfig,
-           "serve_schema": ServeCommandConfig, "keys_schema": KeysConfig}
+SCHEMAS = {
+    "train_schema": TrainConfig,
+    "tokenizer_command_schema": TokenizerCommandConfig,
+    "generate_schema": GenerateConfig,
+    "evaluate_schema": EvaluateConfig,
+    "evaluate_samples_schema": EvaluateSamplesConfig,
+    "report_schema": ReportConfig,
+    "compare_schema": CompareConfig,
+    "export_schema": ExportConfig,
+    "serve_schema": ServeCommandConfig,
+    "keys_schema": KeysConfig,
+}
 
 
 def register_schemas() -> None:

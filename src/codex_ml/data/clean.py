@@ -16,7 +16,14 @@ from codex_ml.data.sources import RawDocument, ReadFailure
 
 # Why a document was skipped; the summary prints these names.
 BINARY, UNDECODABLE, TOO_LARGE, LONG_LINE, TOO_SMALL, GENERATED, DUPLICATE, UNREADABLE = REASONS = (
-    "binary", "undecodable", "too_large", "long_line", "too_small", "generated", "duplicate", "unreadable",
+    "binary",
+    "undecodable",
+    "too_large",
+    "long_line",
+    "too_small",
+    "generated",
+    "duplicate",
+    "unreadable",
 )
 
 # What generators write at the top of their output (the heuristic of StarCoder's and CodeParrot's filters):
@@ -72,8 +79,13 @@ class CleaningReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"kept": self.kept, "kept_chars": self.kept_chars, "skipped": dict(self.skipped),
-                "decoded_from": dict(self.decoded_from), "examples": self.examples}
+        return {
+            "kept": self.kept,
+            "kept_chars": self.kept_chars,
+            "skipped": dict(self.skipped),
+            "decoded_from": dict(self.decoded_from),
+            "examples": self.examples,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> CleaningReport:
@@ -128,8 +140,9 @@ def decode(data: bytes) -> tuple[str | None, str]:
     return str(chosen), chosen.encoding
 
 
-def clean_documents(raw: Iterable[RawDocument | ReadFailure], config: CleaningConfig,
-                    report: CleaningReport) -> Iterator[Document]:
+def clean_documents(
+    raw: Iterable[RawDocument | ReadFailure], config: CleaningConfig, report: CleaningReport
+) -> Iterator[Document]:
     """Yield the documents worth training on, counting the others in ``report``."""
     seen: set[bytes] = set()
     for doc in raw:

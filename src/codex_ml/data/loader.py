@@ -29,13 +29,13 @@ class TokenStream:
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         local = start - int(self.starts[i])
         if local + (stop - start) <= len(self.shards[i]):
-            return self.shards[i][local:local + stop - start]
+            return self.shards[i][local : local + stop - start]
         parts, pos = [], start
         while pos < stop:
             i = int(np.searchsorted(self.starts, pos, side="right")) - 1
             local = pos - int(self.starts[i])
             take = min(stop - pos, len(self.shards[i]) - local)
-            parts.append(self.shards[i][local:local + take])
+            parts.append(self.shards[i][local : local + take])
             pos += take
         return np.concatenate(parts)
 
@@ -48,8 +48,16 @@ def window_batch(stream: TokenStream, starts: np.ndarray, seq_len: int) -> dict[
 class PackedBatches:
     """Shuffled training batches of packed windows; an endless iterator with exact resume."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        stream: TokenStream,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.pin_memory = pin_memory  # page-locked batches: the copy to the GPU runs asynchronously
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -66,7 +74,7 @@ class PackedBatches:
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
             perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
-            mine = perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+            mine = perm[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size]
             self._order = mine.reshape(self.batches_per_epoch, self.batch_size)
         return self._order
 
@@ -82,8 +90,13 @@ class PackedBatches:
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
-                "num_windows": self.num_windows, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_windows"] != self.num_windows or state["seed"] != self.seed:
@@ -110,8 +123,9 @@ def spread_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng([seed, n, k]).integers(bounds[:-1], bounds[1:])
 
 
-def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int = 0,
-                 rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(
+    stream: TokenStream, seq_len: int, batch_size: int, max_batches: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Validation batches, the same every time; the rank's share of them (ranks never overlap).
 
     ``max_batches`` 0 (or at least the split's size) covers the whole split: every target token
@@ -123,7 +137,7 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches
     sample = spread_sample(n, max_batches * batch_size * world_size, seed) if max_batches else np.arange(n)
     mine = sample[rank::world_size] * seq_len
     for i in range(0, len(mine), batch_size):
-        yield window_batch(stream, mine[i:i + batch_size], seq_len)
+        yield window_batch(stream, mine[i : i + batch_size], seq_len)
     tail = len(stream) - 1 - n * seq_len  # targets past the last full window (the whole split if it is short)
     if len(sample) == n and tail > 0 and n % world_size == rank:
         yield window_batch(stream, np.array([n * seq_len]), tail)

@@ -86,8 +86,9 @@ class MinHasher:
         word_of = np.repeat(np.arange(starts.size), ends - starts)
         position = chars - starts[word_of]
         # polynomial over code points: sum(c * P^k), wrapping; P^k for each character's place in its word
-        powers = np.cumprod(np.concatenate(([1], np.full(int((ends - starts).max()) - 1, 0x100000001B3))).astype(
-            np.uint64), dtype=np.uint64)
+        powers = np.cumprod(
+            np.concatenate(([1], np.full(int((ends - starts).max()) - 1, 0x100000001B3))).astype(np.uint64), dtype=np.uint64
+        )
         terms = (codes[chars].astype(np.uint64) + np.uint64(1)) * powers[position]
         first = np.concatenate(([0], np.cumsum(ends - starts)[:-1]))  # each word's first entry in ``terms``
         return _mix(np.add.reduceat(terms, first))
@@ -100,7 +101,7 @@ class MinHasher:
         count = words.size - n + 1
         acc = words[:count] * self._position[0]
         for k in range(1, n):  # n is small (5): a loop over positions, not over words
-            acc += words[k:k + count] * self._position[k]
+            acc += words[k : k + count] * self._position[k]
         # repeated shingles stay: the minimum over a multiset is the minimum over its set
         return _mix(acc)
 
@@ -112,8 +113,8 @@ class MinHasher:
         out = np.full(self.settings.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         block = np.empty((min(shingles.size, 4096), self.settings.num_perm), dtype=np.uint64)
         for lo in range(0, shingles.size, 4096):  # bounded memory: 4096 x num_perm at a time
-            part = shingles[lo:lo + 4096]
-            buf = block[:part.size]
+            part = shingles[lo : lo + 4096]
+            buf = block[: part.size]
             np.multiply(part[:, None], self._a[None, :], out=buf)
             buf += self._b[None, :]
             np.minimum(out, buf.min(axis=0), out=out)
@@ -128,7 +129,7 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     best, best_cost = (1, num_perm), float("inf")
     for bands in range(1, num_perm + 1):
         rows = num_perm // bands
-        p = 1.0 - (1.0 - xs ** rows) ** bands
+        p = 1.0 - (1.0 - xs**rows) ** bands
         fp = np.trapezoid(np.where(xs < threshold, p, 0.0), xs)
         fn = np.trapezoid(np.where(xs >= threshold, 1.0 - p, 0.0), xs)
         if fp + fn < best_cost:
@@ -142,8 +143,9 @@ class DedupResult:
     kept_instead: dict[int, int]  # dropped document -> the document kept for its cluster (-1: an earlier run's)
 
 
-def cluster_keep(signatures: np.ndarray, content_keys: Sequence[str], threshold: float,
-                 prior: np.ndarray | None = None) -> DedupResult:
+def cluster_keep(
+    signatures: np.ndarray, content_keys: Sequence[str], threshold: float, prior: np.ndarray | None = None
+) -> DedupResult:
     """Which of the documents whose ``signatures`` (n x num_perm) are given to keep: one per cluster.
 
     ``content_keys``: a stable key per document (its content hash and id) that picks the kept one;
@@ -160,7 +162,7 @@ def cluster_keep(signatures: np.ndarray, content_keys: Sequence[str], threshold:
         multipliers = _mix(np.arange(1, rows + 1, dtype=np.uint64))
         edges = []
         for b in range(bands):
-            band = signatures[:, b * rows:(b + 1) * rows].astype(np.uint64)
+            band = signatures[:, b * rows : (b + 1) * rows].astype(np.uint64)
             keys = _mix((band * multipliers).sum(axis=1, dtype=np.uint64) ^ np.uint64(b))
             order = np.argsort(keys, kind="stable")
             same = keys[order[1:]] == keys[order[:-1]]
@@ -174,8 +176,16 @@ def cluster_keep(signatures: np.ndarray, content_keys: Sequence[str], threshold:
         if edges:
             pairs = np.unique(np.sort(np.concatenate(edges), axis=1), axis=0)
             pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-            agree = np.concatenate([(signatures[pairs[lo:lo + 65536, 0]] == signatures[pairs[lo:lo + 65536, 1]]).mean(
-                axis=1) for lo in range(0, len(pairs), 65536)]) if len(pairs) else np.zeros(0)
+            agree = (
+                np.concatenate(
+                    [
+                        (signatures[pairs[lo : lo + 65536, 0]] == signatures[pairs[lo : lo + 65536, 1]]).mean(axis=1)
+                        for lo in range(0, len(pairs), 65536)
+                    ]
+                )
+                if len(pairs)
+                else np.zeros(0)
+            )
             for i, j in pairs[agree >= threshold]:
                 ri, rj = _find(parent, int(i)), _find(parent, int(j))
                 if ri != rj:
@@ -215,6 +225,7 @@ def content_key(doc_id: str, text: str) -> str:
 @dataclass
 class DedupIndex:
     """Signatures of the documents earlier runs kept: later files are deduplicated against them."""
+
     ids: list[str]
     keys: list[str]  # content_key of each
     signatures: np.ndarray  # n x num_perm uint32
@@ -240,6 +251,11 @@ class DedupIndex:
         tmp = directory / f".tmp-{os.getpid()}-{INDEX_FILE}"
         meta = json.dumps({"settings": [self.settings.ngram, self.settings.num_perm, self.settings.threshold]})
         with open(tmp, "wb") as f:
-            np.savez(f, ids=np.array(self.ids, dtype=str), keys=np.array(self.keys, dtype=str),
-                     signatures=self.signatures, meta=np.array(meta))
+            np.savez(
+                f,
+                ids=np.array(self.ids, dtype=str),
+                keys=np.array(self.keys, dtype=str),
+                signatures=self.signatures,
+                meta=np.array(meta),
+            )
         os.replace(tmp, directory / INDEX_FILE)

@@ -70,8 +70,9 @@ def _batches(docs: Iterable[tuple[str, str]], max_chars: int = 1 << 20) -> Itera
         yield batch
 
 
-def tokenize_documents(docs: Iterable[tuple[str, str]], tokenizer_file: Path, num_workers: int,
-                       fim: FimSettings | None = None) -> Iterator[list[int]]:
+def tokenize_documents(
+    docs: Iterable[tuple[str, str]], tokenizer_file: Path, num_workers: int, fim: FimSettings | None = None
+) -> Iterator[list[int]]:
     """Token ids of each (id, text) document, in order; ``num_workers`` processes (0: this one)."""
     if num_workers == 0:
         _init_worker(str(tokenizer_file), fim)
@@ -95,8 +96,9 @@ class SplitStats:
     shards: list[dict]
 
 
-def write_split(token_lists: Iterable[list[int]], directory: Path, split: str, eos_id: int,
-                dtype: np.dtype, shard_tokens: int = SHARD_TOKENS) -> SplitStats:
+def write_split(
+    token_lists: Iterable[list[int]], directory: Path, split: str, eos_id: int, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS
+) -> SplitStats:
     """Concatenate documents (each followed by ``eos_id``) into shards named ``{split}_NNNNN.bin``."""
     shards: list[dict] = []
     buffer: list[np.ndarray] = []

@@ -22,8 +22,13 @@ from dataclasses import dataclass
 from codex_ml.data.secrets import DETECTORS, Finding, find_secrets, replace_findings
 
 DEFAULT_PLACEHOLDER = "<KEY>"
-PLACEHOLDERS = {"email": "<EMAIL>", "ip_address": "<IP_ADDRESS>", "password": "<PASSWORD>",
-                "connection_string": "<PASSWORD>", "private_key": "<PRIVATE_KEY>"}
+PLACEHOLDERS = {
+    "email": "<EMAIL>",
+    "ip_address": "<IP_ADDRESS>",
+    "password": "<PASSWORD>",
+    "connection_string": "<PASSWORD>",
+    "private_key": "<PRIVATE_KEY>",
+}
 
 
 class RedactionError(Exception):
@@ -33,6 +38,7 @@ class RedactionError(Exception):
 @dataclass(frozen=True)
 class Located:
     """A finding as the report shows it: where and what, never the value."""
+
     line: int  # 1-based line of the finding's first character
     kind: str
     detector: str
@@ -50,11 +56,14 @@ def placeholders_with(overrides: dict[str, str]) -> dict[str, str]:
     out = {**PLACEHOLDERS, "default": DEFAULT_PLACEHOLDER, **dict(overrides)}
     for kind, text in out.items():
         if not text or any(c in text for c in "\"'\\\n\r`"):
-            raise ValueError(f"placeholder for {kind!r} must be non-empty text without quotes, backslashes or "
-                             f"line breaks (it goes inside string literals); got {text!r}")
+            raise ValueError(
+                f"placeholder for {kind!r} must be non-empty text without quotes, backslashes or "
+                f"line breaks (it goes inside string literals); got {text!r}"
+            )
         if find_secrets(f'password = "{text}"  # {text}'):
-            raise ValueError(f"placeholder {text!r} for {kind!r} looks like a secret itself: redacting twice "
-                             "would change the text")
+            raise ValueError(
+                f"placeholder {text!r} for {kind!r} looks like a secret itself: redacting twice would change the text"
+            )
     return out
 
 
@@ -87,8 +96,7 @@ def _inside(f: Finding, spans: list[tuple[int, int]]) -> bool:
     return i >= 0 and spans[i][0] <= f.start and f.end <= spans[i][1]
 
 
-def redact_document(text: str, detectors: Iterable[str] = DETECTORS,
-                    placeholders: dict[str, str] | None = None) -> Redacted:
+def redact_document(text: str, detectors: Iterable[str] = DETECTORS, placeholders: dict[str, str] | None = None) -> Redacted:
     """``text`` with each finding replaced by ``placeholders[kind]`` (default: ``placeholders_with({})``)."""
     findings = find_secrets(text, detectors)
     if not findings:

@@ -68,12 +68,12 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int, pack: bool
         for seg, i in enumerate(members):
             e = items[i]
             length = len(e.ids) - 1
-            input_ids[r, at:at + length] = e.ids[:-1]
+            input_ids[r, at : at + length] = e.ids[:-1]
             target = np.asarray(e.ids[1:], dtype=np.int32)
             trained = np.asarray(e.trained[1:], dtype=bool)
-            labels[r, at:at + length] = np.where(trained, target, IGNORE_INDEX)
-            positions[r, at:at + length] = np.arange(length)
-            segments[r, at:at + length] = seg
+            labels[r, at : at + length] = np.where(trained, target, IGNORE_INDEX)
+            positions[r, at : at + length] = np.arange(length)
+            segments[r, at : at + length] = seg
             at += length
     return Rows(input_ids, labels, positions, segments)
 
@@ -106,15 +106,18 @@ def row_batch(rows: Rows, index: np.ndarray, native: bool, flex: bool = False) -
 class RowBatches:
     """Shuffled batches of rows, a new order each epoch, with the same exact-resume state as the token loader."""
 
-    def __init__(self, rows: Rows, batch_size: int, seed: int, native: bool, rank: int = 0, world_size: int = 1,
-                 flex: bool = False) -> None:
+    def __init__(
+        self, rows: Rows, batch_size: int, seed: int, native: bool, rank: int = 0, world_size: int = 1, flex: bool = False
+    ) -> None:
         self.rows, self.batch_size, self.seed, self.native, self.flex = rows, batch_size, seed, native, flex
         self.rank, self.world_size = rank, world_size
         self.num_windows = len(rows)
         self.batches_per_epoch = len(rows) // world_size // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the training split has {len(rows)} rows: not one batch of {batch_size} per rank "
-                             f"({world_size} ranks); lower training.batch_size or add examples")
+            raise ValueError(
+                f"the training split has {len(rows)} rows: not one batch of {batch_size} per rank "
+                f"({world_size} ranks); lower training.batch_size or add examples"
+            )
         self.epoch, self.batch_index = 0, 0
         self._order: np.ndarray | None = None
 
@@ -124,7 +127,7 @@ class RowBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._order is None:
             perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
-            mine = perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+            mine = perm[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size]
             self._order = mine.reshape(self.batches_per_epoch, self.batch_size)
         index = self._order[self.batch_index]
         self.batch_index += 1
@@ -133,8 +136,13 @@ class RowBatches:
         return row_batch(self.rows, index, self.native, self.flex)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
-                "num_windows": self.num_windows, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_windows"] != self.num_windows or state["seed"] != self.seed:
@@ -142,8 +150,16 @@ class RowBatches:
         self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None
 
 
-def eval_row_batches(rows: Rows, batch_size: int, native: bool, max_batches: int = 0, flex: bool = False,
-                     rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[dict]:
+def eval_row_batches(
+    rows: Rows,
+    batch_size: int,
+    native: bool,
+    max_batches: int = 0,
+    flex: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> Iterator[dict]:
     """Validation batches of rows, the same every time; the rank's share of them (ranks never overlap).
 
     ``max_batches`` 0 covers every row; otherwise ``max_batches`` batches per rank of rows sampled
@@ -153,4 +169,4 @@ def eval_row_batches(rows: Rows, batch_size: int, native: bool, max_batches: int
     sample = spread_sample(len(rows), max_batches * batch_size * world_size, seed) if max_batches else np.arange(len(rows))
     mine = sample[rank::world_size]
     for start in range(0, len(mine), batch_size):
-        yield row_batch(rows, mine[start:start + batch_size], native, flex)
+        yield row_batch(rows, mine[start : start + batch_size], native, flex)

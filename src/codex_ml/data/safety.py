@@ -51,42 +51,59 @@ class SafetyReport:
     def summary(self, redact_report: str | None = None) -> str:
         if self.redact:
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.findings.items())) or "none"
-            line = (f"redaction: {sum(self.findings.values())} findings in {self.redacted_documents} documents "
-                    f"({kinds})")
+            line = f"redaction: {sum(self.findings.values())} findings in {self.redacted_documents} documents ({kinds})"
             lines = [line + (f"; report: {redact_report}" if redact_report else "")]
         else:
             lines = ["redaction: off (data.redact=false): secrets and personal data stay in the data"]
         if self.failed:
-            lines.append(f"skipped {sum(self.failed.values())} documents the scan failed on: "
-                         + ", ".join(f"{r} {n}" for r, n in sorted(self.failed.items()))
-                         + f" (e.g. {', '.join(self.failed_examples[:3])})")
+            lines.append(
+                f"skipped {sum(self.failed.values())} documents the scan failed on: "
+                + ", ".join(f"{r} {n}" for r, n in sorted(self.failed.items()))
+                + f" (e.g. {', '.join(self.failed_examples[:3])})"
+            )
         if self.benchmarks:
-            named = "; ".join(f"{c['document']} ({', '.join(sorted({m['item'] for m in c['matches']}))})"
-                              for c in self.contaminated[:10])
+            named = "; ".join(
+                f"{c['document']} ({', '.join(sorted({m['item'] for m in c['matches']}))})" for c in self.contaminated[:10]
+            )
             more = f" and {len(self.contaminated) - 10} more" if len(self.contaminated) > 10 else ""
-            lines.append(f"decontamination ({', '.join(self.benchmarks)}): dropped {len(self.contaminated)} documents"
-                         + (f": {named}{more}" if named else ""))
+            lines.append(
+                f"decontamination ({', '.join(self.benchmarks)}): dropped {len(self.contaminated)} documents"
+                + (f": {named}{more}" if named else "")
+            )
         else:
             lines.append("decontamination: off (data.decontaminate=[])")
-        lines.append(f"near-dedup: dropped {self.near_duplicates} near-duplicates" if self.near_dedup
-                     else "near-dedup: off (data.near_dedup=false)")
+        lines.append(
+            f"near-dedup: dropped {self.near_duplicates} near-duplicates"
+            if self.near_dedup
+            else "near-dedup: off (data.near_dedup=false)"
+        )
         if self.redact or self.near_dedup or self.benchmarks:
             lines[-1] += f" (safety stage {self.seconds:.1f}s)"
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"redaction": {"enabled": self.redact, "findings": dict(self.findings),
-                              "documents": self.redacted_documents},
-                "scan_failed": dict(self.failed), "near_dedup": {"enabled": self.near_dedup,
-                                                                 "dropped": self.near_duplicates},
-                "decontamination": {"benchmarks": self.benchmarks, "dropped": self.contaminated},
-                "seconds": round(self.seconds, 2)}
+        return {
+            "redaction": {"enabled": self.redact, "findings": dict(self.findings), "documents": self.redacted_documents},
+            "scan_failed": dict(self.failed),
+            "near_dedup": {"enabled": self.near_dedup, "dropped": self.near_duplicates},
+            "decontamination": {"benchmarks": self.benchmarks, "dropped": self.contaminated},
+            "seconds": round(self.seconds, 2),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> SafetyReport:
-        return cls(d["redaction"]["enabled"], d["near_dedup"]["enabled"], d["decontamination"]["benchmarks"],
-                   Counter(d["redaction"]["findings"]), d["redaction"]["documents"], Counter(d["scan_failed"]), [],
-                   d["near_dedup"]["dropped"], d["decontamination"]["dropped"], d["seconds"])
+        return cls(
+            d["redaction"]["enabled"],
+            d["near_dedup"]["enabled"],
+            d["decontamination"]["benchmarks"],
+            Counter(d["redaction"]["findings"]),
+            d["redaction"]["documents"],
+            Counter(d["scan_failed"]),
+            [],
+            d["near_dedup"]["dropped"],
+            d["decontamination"]["dropped"],
+            d["seconds"],
+        )
 
 
 @dataclass
@@ -102,8 +119,11 @@ class _Scanner:
     def __init__(self, settings: SafetySettings, items: list[BenchmarkItem]) -> None:
         self.settings = settings
         self.placeholders = placeholders_with(dict(settings.placeholders))
-        self.contamination = (ContaminationIndex(items, settings.decontaminate_ngram, settings.decontaminate_overlap)
-                              if settings.benchmarks else None)
+        self.contamination = (
+            ContaminationIndex(items, settings.decontaminate_ngram, settings.decontaminate_overlap)
+            if settings.benchmarks
+            else None
+        )
         self.hasher = MinHasher(settings.minhash) if settings.near_dedup else None
 
     def scan(self, text: str) -> _Scanned:
@@ -147,8 +167,7 @@ def _batches(docs: list[Document], max_chars: int = 1 << 19) -> Iterator[list[st
         yield batch
 
 
-def _scan_all(docs: list[Document], settings: SafetySettings, items: list[BenchmarkItem],
-              num_workers: int) -> Iterable[_Scanned]:
+def _scan_all(docs: list[Document], settings: SafetySettings, items: list[BenchmarkItem], num_workers: int) -> Iterable[_Scanned]:
     if num_workers == 0 or len(docs) < 2:
         scanner = _Scanner(settings, items)
         for d in docs:
@@ -160,8 +179,15 @@ def _scan_all(docs: list[Document], settings: SafetySettings, items: list[Benchm
             yield from scanned
 
 
-def make_safe(docs: list[Document], settings: SafetySettings, items: list[BenchmarkItem], num_workers: int,
-              report: SafetyReport, redactions: list[dict], index_dir: Path | None = None) -> list[Document]:
+def make_safe(
+    docs: list[Document],
+    settings: SafetySettings,
+    items: list[BenchmarkItem],
+    num_workers: int,
+    report: SafetyReport,
+    redactions: list[dict],
+    index_dir: Path | None = None,
+) -> list[Document]:
     """The documents of ``docs`` to train on, redacted, in their order; counts go to ``report``, one row per
     redaction to ``redactions`` (file, line, kind, detector). ``index_dir``: the near-dedup index of earlier
     runs, loaded from and saved back to it."""
@@ -183,9 +209,15 @@ def make_safe(docs: list[Document], settings: SafetySettings, items: list[Benchm
                 report.findings[kind] += 1
                 redactions.append({"file": doc.id, "line": line, "kind": kind, "detector": detector})
         if scanned.matches:
-            report.contaminated.append({"document": doc.id, "matches": [
-                {"benchmark": m.benchmark, "item": m.item, "field": m.field, "method": m.method, "score": m.score}
-                for m in scanned.matches]})
+            report.contaminated.append(
+                {
+                    "document": doc.id,
+                    "matches": [
+                        {"benchmark": m.benchmark, "item": m.item, "field": m.field, "method": m.method, "score": m.score}
+                        for m in scanned.matches
+                    ],
+                }
+            )
             continue
         assert scanned.text is not None  # None only with a failure, skipped above
         kept.append(Document(doc.id, scanned.text))
@@ -196,8 +228,13 @@ def make_safe(docs: list[Document], settings: SafetySettings, items: list[Benchm
     return kept
 
 
-def _drop_near_duplicates(docs: list[Document], signatures: list[np.ndarray | None], minhash: MinHashSettings,
-                          report: SafetyReport, index_dir: Path | None) -> list[Document]:
+def _drop_near_duplicates(
+    docs: list[Document],
+    signatures: list[np.ndarray | None],
+    minhash: MinHashSettings,
+    report: SafetyReport,
+    index_dir: Path | None,
+) -> list[Document]:
     index = DedupIndex.load(index_dir, minhash) if index_dir else DedupIndex.empty(minhash)
     keys = [content_key(d.id, d.text) for d in docs]
     current_ids = {d.id for d in docs}
@@ -207,8 +244,11 @@ def _drop_near_duplicates(docs: list[Document], signatures: list[np.ndarray | No
     outside = [i for i, doc_id in enumerate(index.ids) if doc_id not in current_ids]
     has_sig = [i for i, s in enumerate(signatures) if s is not None]
     n_cur = len(has_sig)
-    sigs = np.stack([signatures[i] for i in has_sig] + [index.signatures[i] for i in outside]) \
-        if has_sig or outside else np.zeros((0, minhash.num_perm), dtype=np.uint32)
+    sigs = (
+        np.stack([signatures[i] for i in has_sig] + [index.signatures[i] for i in outside])
+        if has_sig or outside
+        else np.zeros((0, minhash.num_perm), dtype=np.uint32)
+    )
     all_keys = [keys[i] for i in has_sig] + [index.keys[i] for i in outside]
     prior = np.array([(docs[i].id, keys[i]) in earlier for i in has_sig] + [True] * len(outside), dtype=bool)
     result = cluster_keep(sigs, all_keys, minhash.threshold, prior)

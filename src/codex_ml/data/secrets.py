@@ -54,8 +54,25 @@ class _Rule:
 
 # ---------------------------------------------------------------- false-positive filters
 
-_PLACEHOLDER_WORDS = ("your", "example", "xxxx", "changeme", "change_me", "dummy", "placeholder", "redacted",
-                      "sample", "fake", "secret_here", "key_here", "insert", "replace", "todo", "****", "....")
+_PLACEHOLDER_WORDS = (
+    "your",
+    "example",
+    "xxxx",
+    "changeme",
+    "change_me",
+    "dummy",
+    "placeholder",
+    "redacted",
+    "sample",
+    "fake",
+    "secret_here",
+    "key_here",
+    "insert",
+    "replace",
+    "todo",
+    "****",
+    "....",
+)
 _TEMPLATE = re.compile(r"\$\{|\{\{|\{[A-Za-z_0-9]*\}|%\(|%[sdr]|^\$|^<[^<>]+>$|^\[[^\[\]]+\]$")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -115,8 +132,10 @@ def _email_ok(value: str, _m: re.Match) -> bool:
 
 _VERSION_BEFORE = re.compile(r"(?i)\b(?:version|ver|release|v)[\s\"'=:(_-]*$")
 _GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
-_NETWORK_WORDS = re.compile(r"(?i)\b(?:ip|ipv4|host|hostname|addr|address|server|dns|resolver|upstream|proxy|gateway|"
-                            r"bind|listen|connect|nameserver|peer|endpoint|url)s?\b|://")
+_NETWORK_WORDS = re.compile(
+    r"(?i)\b(?:ip|ipv4|host|hostname|addr|address|server|dns|resolver|upstream|proxy|gateway|"
+    r"bind|listen|connect|nameserver|peer|endpoint|url)s?\b|://"
+)
 
 
 def _ip_ok(value: str, m: re.Match) -> bool:
@@ -128,7 +147,7 @@ def _ip_ok(value: str, m: re.Match) -> bool:
     if not ip.is_global or (ip.version == 6 and (ip not in _GLOBAL_UNICAST or value.count(":") < 2)):
         return False
     line_start = m.string.rfind("\n", 0, m.start()) + 1
-    if _VERSION_BEFORE.search(m.string[max(line_start, m.start() - 24):m.start()]):
+    if _VERSION_BEFORE.search(m.string[max(line_start, m.start() - 24) : m.start()]):
         return False
     # "7.1.4.34", "section 8.2.4.44": versions and section numbers look like addresses; addresses usually have
     # several multi-digit octets, and the rest stand on a line that speaks of networks
@@ -151,31 +170,96 @@ _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 
 # (kind, family, pattern, group, triggers, multiline, filter)
 _OWN_RULES = [
-    ("private_key", "secrets", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-                               r"[\s\S]*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)", 0,
-     ("PRIVATE KEY",), True, None),
-    ("openai_key", "secrets", r"(?<![A-Za-z0-9_-])sk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_-]{20,}", 0, ("sk-",),
-     False, _random_value),
+    (
+        "private_key",
+        "secrets",
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"[\s\S]*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+        0,
+        ("PRIVATE KEY",),
+        True,
+        None,
+    ),
+    (
+        "openai_key",
+        "secrets",
+        r"(?<![A-Za-z0-9_-])sk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_-]{20,}",
+        0,
+        ("sk-",),
+        False,
+        _random_value,
+    ),
     ("github_token", "secrets", r"github_pat_[A-Za-z0-9_]{22,}", 0, ("github_pat_",), False, None),
     ("huggingface_token", "secrets", r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}", 0, ("hf_",), False, _random_value),
     ("google_api_key", "secrets", r"AIza[0-9A-Za-z_-]{35}", 0, ("AIza",), False, None),
     ("codex_ml_key", "secrets", r"cmk-[A-Za-z0-9_-]{32,}", 0, ("cmk-",), False, None),
-    ("aws_secret_key", "secrets", r"(?i)aws_secret_access_key[\"']?\s*[=:]\s*[\"']?([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
-     1, _CASES("aws_secret_access_key"), False, _value_ok),
-    ("password", "secrets", r"(?i)" + _NAME_BEFORE + r"(?:password|passwd|passwort|pwd|pass)" + _QUOTED_VALUE.format(n=6),
-     1, _CASES("pass", "pwd"), False, _assigned_ok),
-    ("assigned_secret", "secrets", r"(?i)" + _NAME_BEFORE +
-     r"(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?key(?:[_-]?id)?|private[_-]?key|(?:access|auth|api|bearer|"
-     r"refresh|session)?[_-]?token|client[_-]?secret|credentials?)" + _QUOTED_VALUE.format(n=8),
-     1, _CASES("key", "secret", "token", "credential"), False, _random_value),
-    ("connection_string", "secrets", r"(?i)\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@\"'<>]+:([^\s@/\"'<>]+)@[^\s\"'@]",
-     1, ("://",), False, _connection_ok),
-    ("email", "email", r"(?<![\w.%+:/-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
-                       r"[A-Za-z]{2,24}(?![\w@-])", 0, ("@",), False, _email_ok),
-    ("ip_address", "ip_address", rf"(?<![\w.-]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w-]|\.\d)", 0,
-     (re.compile(r"\.\d{1,3}\.\d{1,3}\.\d"),), False, _ip_ok),
-    ("ip_address", "ip_address", r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:.])", 0,
-     ("::", re.compile(r":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")), False, _ip_ok),
+    (
+        "aws_secret_key",
+        "secrets",
+        r"(?i)aws_secret_access_key[\"']?\s*[=:]\s*[\"']?([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
+        1,
+        _CASES("aws_secret_access_key"),
+        False,
+        _value_ok,
+    ),
+    (
+        "password",
+        "secrets",
+        r"(?i)" + _NAME_BEFORE + r"(?:password|passwd|passwort|pwd|pass)" + _QUOTED_VALUE.format(n=6),
+        1,
+        _CASES("pass", "pwd"),
+        False,
+        _assigned_ok,
+    ),
+    (
+        "assigned_secret",
+        "secrets",
+        r"(?i)"
+        + _NAME_BEFORE
+        + r"(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?key(?:[_-]?id)?|private[_-]?key|(?:access|auth|api|bearer|"
+        r"refresh|session)?[_-]?token|client[_-]?secret|credentials?)" + _QUOTED_VALUE.format(n=8),
+        1,
+        _CASES("key", "secret", "token", "credential"),
+        False,
+        _random_value,
+    ),
+    (
+        "connection_string",
+        "secrets",
+        r"(?i)\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@\"'<>]+:([^\s@/\"'<>]+)@[^\s\"'@]",
+        1,
+        ("://",),
+        False,
+        _connection_ok,
+    ),
+    (
+        "email",
+        "email",
+        r"(?<![\w.%+:/-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+        r"[A-Za-z]{2,24}(?![\w@-])",
+        0,
+        ("@",),
+        False,
+        _email_ok,
+    ),
+    (
+        "ip_address",
+        "ip_address",
+        rf"(?<![\w.-]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w-]|\.\d)",
+        0,
+        (re.compile(r"\.\d{1,3}\.\d{1,3}\.\d"),),
+        False,
+        _ip_ok,
+    ),
+    (
+        "ip_address",
+        "ip_address",
+        r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:.])",
+        0,
+        ("::", re.compile(r":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")),
+        False,
+        _ip_ok,
+    ),
 ]
 
 # Triggers of the detect-secrets plugins we use: the literal every match of the plugin's patterns contains.
@@ -201,9 +285,17 @@ _PLUGIN_TRIGGERS = {
 # shape); our private_key masks the whole PEM block; our connection_string filters placeholder passwords; Discord
 # and Telegram tokens have no literal to trigger on and scanning every line for them costs more than all other
 # rules together.
-_SKIPPED_PLUGINS = {"IPPublicDetector", "CloudantDetector", "IbmCloudIamDetector", "IbmCosHmacDetector",
-                    "SoftlayerDetector", "PrivateKeyDetector", "BasicAuthDetector", "DiscordBotTokenDetector",
-                    "TelegramBotTokenDetector"}
+_SKIPPED_PLUGINS = {
+    "IPPublicDetector",
+    "CloudantDetector",
+    "IbmCloudIamDetector",
+    "IbmCosHmacDetector",
+    "SoftlayerDetector",
+    "PrivateKeyDetector",
+    "BasicAuthDetector",
+    "DiscordBotTokenDetector",
+    "TelegramBotTokenDetector",
+}
 
 
 def _kind(secret_type: str) -> str:
@@ -216,26 +308,55 @@ def _rules() -> list[_Rule]:
     """Every rule, detect-secrets' first; a plugin we neither use nor skip is an error, not a silent gap."""
     import importlib
     import pkgutil
+    import warnings
 
-    import detect_secrets.plugins as plugins
-    from detect_secrets.plugins.base import RegexBasedDetector
+    # detect-secrets' logger calls logging.captureWarnings(True) when its modules load, which would send every
+    # later warning of the process (pass@k, sandbox) to an unconfigured logger instead of stderr: undo it
+    showwarning = warnings.showwarning
+    try:
+        import detect_secrets.plugins as plugins
+        from detect_secrets.plugins.base import RegexBasedDetector
+
+        modules = [
+            importlib.import_module(f"detect_secrets.plugins.{info.name}")
+            for info in sorted(pkgutil.iter_modules(plugins.__path__), key=lambda m: m.name)
+        ]
+    finally:
+        warnings.showwarning = showwarning
 
     out = []
-    for info in sorted(pkgutil.iter_modules(plugins.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"detect_secrets.plugins.{info.name}")
+    for module in modules:
         for name in sorted(dir(module)):
             cls = getattr(module, name)
-            if not (isinstance(cls, type) and issubclass(cls, RegexBasedDetector) and cls is not RegexBasedDetector
-                    and cls.__module__ == module.__name__) or name in _SKIPPED_PLUGINS:
+            if (
+                not (
+                    isinstance(cls, type)
+                    and issubclass(cls, RegexBasedDetector)
+                    and cls is not RegexBasedDetector
+                    and cls.__module__ == module.__name__
+                )
+                or name in _SKIPPED_PLUGINS
+            ):
                 continue
             if name not in _PLUGIN_TRIGGERS:
-                raise RuntimeError(f"detect-secrets plugin {name} has no trigger in codex_ml.data.secrets: "
-                                   "add it to _PLUGIN_TRIGGERS or _SKIPPED_PLUGINS")
+                raise RuntimeError(
+                    f"detect-secrets plugin {name} has no trigger in codex_ml.data.secrets: "
+                    "add it to _PLUGIN_TRIGGERS or _SKIPPED_PLUGINS"
+                )
             # detect-secrets declares denylist and secret_type as abstract properties; each plugin class
             # overrides them with plain class attributes, which its typing cannot express.
             for pattern in cls.denylist:  # type: ignore[attr-defined]
-                out.append(_Rule(_kind(cls.secret_type), f"detect-secrets:{name}", "secrets", pattern, -1,  # type: ignore[arg-type]
-                                 _PLUGIN_TRIGGERS[name], keep=_value_ok))
+                out.append(
+                    _Rule(
+                        _kind(cls.secret_type),  # type: ignore[arg-type]
+                        f"detect-secrets:{name}",
+                        "secrets",
+                        pattern,
+                        -1,
+                        _PLUGIN_TRIGGERS[name],
+                        keep=_value_ok,
+                    )
+                )
     for kind, family, pattern, group, triggers, multiline, keep in _OWN_RULES:
         out.append(_Rule(kind, f"codex-ml:{kind}", family, re.compile(pattern), group, triggers, multiline, keep))
     return out
@@ -250,8 +371,11 @@ def _span(match: re.Match, group: int) -> tuple[int, int]:
     capture the value after a keyword), else the whole match without the delimiters some patterns include."""
     if group >= 0:
         return match.span(group)
-    groups = [i for i in range(1, (match.re.groups or 0) + 1)
-              if match.group(i) and len(match.group(i)) >= 8 and not re.search(r"\s", match.group(i))]
+    groups = [
+        i
+        for i in range(1, (match.re.groups or 0) + 1)
+        if match.group(i) and len(match.group(i)) >= 8 and not re.search(r"\s", match.group(i))
+    ]
     if groups:
         return match.span(max(groups, key=lambda i: len(match.group(i))))
     start, end = match.span()
@@ -329,7 +453,7 @@ def replace_findings(text: str, findings: list[Finding], replacement: Callable[[
     """``text`` with each of ``findings`` (sorted, not overlapping) replaced by ``replacement(finding)``."""
     parts, at = [], 0
     for f in findings:
-        parts += [text[at:f.start], replacement(f)]
+        parts += [text[at : f.start], replacement(f)]
         at = f.end
     parts.append(text[at:])
     return "".join(parts)

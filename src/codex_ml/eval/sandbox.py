@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from codex_ml.errors import CodexError
 from codex_ml.eval.sandbox_worker import EXIT_FAILED, EXIT_PASSED, EXIT_TIMED_OUT
@@ -50,7 +51,7 @@ START_TIMEOUT_S = 60.0
 ANSWER_SLACK_S = 30.0  # beyond timeout + grace, how long a worker may take to answer before it counts as hung
 SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
-HIDE = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run", "/mnt", "/media", "/srv")
+HIDE = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run", "/mnt", "/media", "/srv")  # nosec B108  # paths hidden from the program, not temp files
 BOOT = "import sys; source = sys.argv.pop(1); exec(compile(source, 'codex_ml/eval/sandbox_worker.py', 'exec'))"
 INSTALL_HINT = "install bubblewrap (apt-get install bubblewrap; dnf install bubblewrap), or run bash scripts/setup.sh"
 
@@ -113,8 +114,9 @@ class Sandbox:
             self._pool.put(worker)
         return verdict(answer)
 
-    def run_all(self, programs: Sequence[str], timeout: float,
-                on_result: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+    def run_all(
+        self, programs: Sequence[str], timeout: float, on_result: Callable[[int, Outcome], None] | None = None
+    ) -> list[Outcome]:
         """Run every program, ``self.workers`` at a time; ``on_result(index, outcome)`` as each one finishes."""
         outcomes: list[Outcome | None] = [None] * len(programs)
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox") as pool:
@@ -122,14 +124,14 @@ class Sandbox:
             try:
                 for future in as_completed(futures):
                     index = futures[future]
-                    outcomes[index] = future.result()
+                    outcome = outcomes[index] = future.result()
                     if on_result is not None:
-                        on_result(index, outcomes[index])
+                        on_result(index, outcome)
             except BaseException:
                 for future in futures:
                     future.cancel()
                 raise
-        return outcomes
+        return cast("list[Outcome]", outcomes)  # every future has finished: no None is left
 
     def close(self) -> None:
         self._finalizer()
@@ -137,14 +139,14 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # --- start-up ---------------------------------------------------------------------------------------------
 
     def _start_first(self, kind: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         """Start the first worker of the strongest kind that works here and measure what it protects."""
-        reasons = []
+        reasons: list[str] = []
         for candidate in KINDS if kind == "auto" else (kind,):
             try:
                 self._plan = _plan(candidate, self._folders)
@@ -206,6 +208,7 @@ def _signal_name(number: int) -> str:
 
 # --- how a worker is started ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Plan:
     kind: str
@@ -228,15 +231,30 @@ def _plan(kind: str, folders: list[str]) -> _Plan:
         if nobody is not None:
             os.chown(scratch_root, *nobody)
     config = {
-        "kind": kind, "parent_pid": None if kind == "bwrap" else os.getpid(),
-        "drop_uid": nobody[0] if nobody else None, "drop_gid": nobody[1] if nobody else None,
-        "keep": keep, "hide": _hide_paths(), "scratch_root": scratch_root, "scratch_mb": SCRATCH_MB, "file_mb": FILE_MB,
-        "nproc": NPROC, "output_cap": OUTPUT_CAP, "grace": GRACE_S,
+        "kind": kind,
+        "parent_pid": None if kind == "bwrap" else os.getpid(),
+        "drop_uid": nobody[0] if nobody else None,
+        "drop_gid": nobody[1] if nobody else None,
+        "keep": keep,
+        "hide": _hide_paths(),
+        "scratch_root": scratch_root,
+        "scratch_mb": SCRATCH_MB,
+        "file_mb": FILE_MB,
+        "nproc": NPROC,
+        "output_cap": OUTPUT_CAP,
+        "grace": GRACE_S,
     }
     source = Path(__file__).with_name("sandbox_worker.py").read_text()
     python = [sys.executable, "-I", "-c", BOOT, source, json.dumps(config)]
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp",
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",  # nosec B108  # the sandbox's private /tmp
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     if kind != "bwrap":
         return _Plan(kind, python, env)
     bwrap = shutil.which("bwrap")
@@ -247,13 +265,24 @@ def _plan(kind: str, folders: list[str]) -> _Plan:
 
 def _bwrap_args(keep: list[str], env: dict[str, str], root: bool) -> list[str]:
     # --as-pid-1: the worker itself is PID 1 of bubblewrap's PID namespace, so no other process shares it.
-    args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--as-pid-1",
-            "--die-with-parent", "--new-session", "--clearenv", "--hostname", "sandbox"]
+    args = [
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--as-pid-1",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--hostname",
+        "sandbox",
+    ]
     # Root runs bwrap without a user namespace, so that the worker can become nobody (kuid 65534) itself.
     args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if root else ["--unshare-user"]
     for key, value in env.items():
         args += ["--setenv", key, value]
-    args += ["--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc"]
+    args += ["--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc"]  # nosec B108  # a fresh private tmpfs mounted over /tmp
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
             args += ["--symlink", os.readlink(path), path]
@@ -319,8 +348,10 @@ def _measure(worker: _Worker, kind: str, memory_mb: int) -> tuple[str, ...]:
         hidden += [e for e in entries if not any(_under(k, (e,)) for k in keep)][:1]
     writes = ["/", keep[0], home] + ([tempfile.gettempdir()] if kind == "rlimits" else [])
     try:
-        answer = worker.ask({"op": "probe", "timeout": 10.0, "memory_mb": memory_mb, "write_probes": writes,
-                             "hidden_probes": hidden}, 10.0 + GRACE_S + ANSWER_SLACK_S)
+        answer = worker.ask(
+            {"op": "probe", "timeout": 10.0, "memory_mb": memory_mb, "write_probes": writes, "hidden_probes": hidden},
+            10.0 + GRACE_S + ANSWER_SLACK_S,
+        )
     finally:
         os.remove(canary)
     if "error" in answer:
@@ -345,12 +376,14 @@ def _measure(worker: _Worker, kind: str, memory_mb: int) -> tuple[str, ...]:
     if visible:
         missing.append(f"files: programs can read outside their scratch folder ({', '.join(visible)})")
     if kind == "unshare":
-        missing.append("files: outside home and temp folders the file system is readable (bubblewrap shows the "
-                       "interpreter's folders only)")
+        missing.append(
+            "files: outside home and temp folders the file system is readable (bubblewrap shows the interpreter's folders only)"
+        )
     return tuple(missing)
 
 
 # --- one worker: a fork server behind two pipes -------------------------------------------------------------
+
 
 class _WorkerLost(Exception):
     pass
@@ -359,8 +392,16 @@ class _WorkerLost(Exception):
 class _Worker:
     def __init__(self, plan: _Plan):
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the worker's life, read if it fails)
-        self.proc = subprocess.Popen(plan.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     env=plan.env, cwd="/", start_new_session=True, close_fds=True)
+        self.proc = subprocess.Popen(
+            plan.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=plan.env,
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
+        )
         self._buffer = b""
         self._lock = threading.Lock()
         self.ready = False
@@ -380,15 +421,18 @@ class _Worker:
         self.ready = True
 
     def ask(self, request: dict, wait: float) -> dict:
+        stdin = self.proc.stdin
+        assert stdin is not None  # started with stdin=PIPE
         with self._lock:
             try:
-                self.proc.stdin.write((json.dumps(request) + "\n").encode())
-                self.proc.stdin.flush()
+                stdin.write((json.dumps(request) + "\n").encode())
+                stdin.flush()
             except (BrokenPipeError, OSError) as e:
                 raise _WorkerLost(f"worker gone: {e}") from None
             return json.loads(self._read_line(wait))
 
     def _read_line(self, wait: float) -> bytes:
+        assert self.proc.stdout is not None  # started with stdout=PIPE
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + wait
         while b"\n" not in self._buffer:
@@ -404,6 +448,7 @@ class _Worker:
 
     def close(self) -> None:
         if self.proc.poll() is None:
+            assert self.proc.stdin is not None  # started with stdin=PIPE
             try:
                 self.proc.stdin.close()  # the worker's loop ends at EOF
                 self.proc.wait(timeout=5)

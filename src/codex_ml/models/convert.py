@@ -25,19 +25,30 @@ def to_hf_name(native: str) -> str:
 
 
 def to_native_name(hf: str) -> str:
-    return hf[len("model."):] if hf.startswith("model.") else hf
+    return hf[len("model.") :] if hf.startswith("model.") else hf
 
 
 def llama_config(config: GPTConfig, **token_ids: Any) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
-        head_dim=config.head_dim, max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=config.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
-        attention_dropout=config.dropout, initializer_range=config.init_std, architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=config.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=config.dropout,
+        initializer_range=config.init_std,
+        architectures=["LlamaForCausalLM"],
         **token_ids,
     )
 
@@ -77,9 +88,15 @@ def gpt_config_from_llama(hf_config: PretrainedConfig) -> GPTConfig:
         raise ConversionError("cannot load into the native decoder exactly: " + "; ".join(problems))
     theta = rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else getattr(c, "rope_theta", 10000.0)
     return GPTConfig(
-        vocab_size=c.vocab_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
-        n_kv_head=c.num_key_value_heads or c.num_attention_heads, d_model=c.hidden_size, d_ff=c.intermediate_size,
-        max_seq_len=c.max_position_embeddings, rope_theta=float(theta), norm_eps=c.rms_norm_eps,
+        vocab_size=c.vocab_size,
+        n_layer=c.num_hidden_layers,
+        n_head=c.num_attention_heads,
+        n_kv_head=c.num_key_value_heads or c.num_attention_heads,
+        d_model=c.hidden_size,
+        d_ff=c.intermediate_size,
+        max_seq_len=c.max_position_embeddings,
+        rope_theta=float(theta),
+        norm_eps=c.rms_norm_eps,
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
     )
 

@@ -91,8 +91,9 @@ class KVCache:
     Rows of a batch share the same positions (prompts are left-padded by the caller).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None,
-                 dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> None:
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -124,8 +125,9 @@ class StaticKVCache(KVCache):
     the ones not written yet. Callers pass ``position_ids``.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None,
-                 dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> None:
         super().__init__(config, batch_size, max_len, device, dtype)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
 
@@ -149,8 +151,9 @@ class SlotKVCache(KVCache):
     Callers pass ``position_ids`` and a mask; ``length`` stays 0.
     """
 
-    def __init__(self, config: GPTConfig, n_slots: int, max_len: int, device: torch.device | str | None,
-                 dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, config: GPTConfig, n_slots: int, max_len: int, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> None:
         super().__init__(config, n_slots, max_len, device, dtype)
         self.rows = slice(0, n_slots)
         self.positions: torch.Tensor | None = None
@@ -190,11 +193,15 @@ def _require_mask_for_cache(kv_cache: KVCache, shape: tuple[int, int], start: in
     when there is one query (it may see every key). Anything else would silently attend non-causally."""
     T = shape[1]
     if type(kv_cache) is not KVCache:  # static and slot caches: attention spans every position, written or not
-        raise ValueError(f"input of shape {shape} on a {type(kv_cache).__name__} of {kv_cache.max_len} positions "
-                         f"needs attn_mask (B, 1, {T}, {kv_cache.max_len}) hiding the positions a row may not see")
+        raise ValueError(
+            f"input of shape {shape} on a {type(kv_cache).__name__} of {kv_cache.max_len} positions "
+            f"needs attn_mask (B, 1, {T}, {kv_cache.max_len}) hiding the positions a row may not see"
+        )
     if start > 0 and T > 1:
-        raise ValueError(f"input of shape {shape} on a KV cache already holding {start} positions needs attn_mask "
-                         f"(B, 1, {T}, {start + T}): without one, {T} queries over {start + T} keys are not causal")
+        raise ValueError(
+            f"input of shape {shape} on a KV cache already holding {start} positions needs attn_mask "
+            f"(B, 1, {T}, {start + T}): without one, {T} queries over {start + T} keys are not causal"
+        )
 
 
 class Attention(nn.Module):
@@ -208,12 +215,20 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.fused_qkv: torch.Tensor | None = None  # set by GPT.fuse_for_inference: one matmul instead of three
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None,
-                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | BlockMask | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.fused_qkv is not None and not self.training:
             q, k, v = F.linear(x, self.fused_qkv).split(
-                [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+                [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+            )
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -231,7 +246,11 @@ class Attention(nn.Module):
             # Causal masking without a mask tensor only works when queries and keys line up.
             is_causal = attn_mask is None and k.shape[2] == T
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
@@ -262,8 +281,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None,
-                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | BlockMask | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -323,7 +349,7 @@ class GPT(nn.Module):
         if position_ids is None:
             if start + T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         x = self.embed_tokens(input_ids)

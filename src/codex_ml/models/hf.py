@@ -53,8 +53,9 @@ def check_model_dir(path: str | Path) -> dict:
     if not any((d / name).exists() for name in WEIGHT_FILES) and not list(d.glob("*.safetensors")):
         raise ModelDirError(f"{d}: no weights ({', '.join(WEIGHT_FILES)}); was the model saved with save_pretrained?")
     if not any((d / name).exists() for name in TOKENIZER_FILES):
-        raise ModelDirError(f"{d}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save it next to the model with "
-                            "tokenizer.save_pretrained(dir)")
+        raise ModelDirError(
+            f"{d}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save it next to the model with tokenizer.save_pretrained(dir)"
+        )
     return config
 
 
@@ -67,8 +68,9 @@ def hf_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedCo
         raise ModelDirError(f"{path}: {str(e).splitlines()[0]}") from None
 
 
-def load_hf_causal_lm(path: str | Path, dtype: torch.dtype, device: torch.device,
-                      trust_remote_code: bool = False) -> PreTrainedModel:
+def load_hf_causal_lm(
+    path: str | Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False
+) -> PreTrainedModel:
     """``AutoModelForCausalLM`` from a local directory (offline, remote code only when asked)."""
     from transformers import AutoModelForCausalLM
 

@@ -74,14 +74,17 @@ def resolve_target_modules(model: torch.nn.Module, requested: list[str] | None, 
         rule = f"all-linear: every Linear/Conv1D but the output head, {why}"
     unmatched = _unmatched(model, names) if names else ["no layer"]
     if unmatched:
-        raise CodexError(f"lora: {rule} ({', '.join(unmatched)}) matches no linear layer of this "
-                         f"{model_type or 'model'}; name the layers to adapt with lora.target_modules=[...] "
-                         f"(its adaptable layers are: {', '.join(sorted(adaptable_modules(model)))})")
+        raise CodexError(
+            f"lora: {rule} ({', '.join(unmatched)}) matches no linear layer of this "
+            f"{model_type or 'model'}; name the layers to adapt with lora.target_modules=[...] "
+            f"(its adaptable layers are: {', '.join(sorted(adaptable_modules(model)))})"
+        )
     return LoraTargets(names, rule, _matched_layers(model, names))
 
 
-def apply_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
-               causal_lm: bool) -> peft.PeftModel:
+def apply_lora(
+    model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str], causal_lm: bool
+) -> peft.PeftModel:
     """Wrap ``model`` with LoRA adapters; every name in ``target_modules`` must match some layer.
 
     ``target_modules`` as ``resolve_target_modules`` gives them: last name components or full names.
@@ -90,8 +93,15 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targe
     # GPT-2's Conv1D stores its weight transposed: say so, rather than let PEFT correct it with a warning
     layers = dict(_linear_layers(model))
     conv1d = all(isinstance(layers[name], Conv1D) for name in _matched_layers(model, target_modules))
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                             bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM" if causal_lm else None)
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        fan_in_fan_out=conv1d,
+        task_type="CAUSAL_LM" if causal_lm else None,
+    )
     return peft.get_peft_model(model, config)
 
 
@@ -116,8 +126,10 @@ def _unmatched(model: torch.nn.Module, targets: list[str]) -> list[str]:
 def _refuse_unmatched(model: torch.nn.Module, targets: list[str]) -> None:
     unmatched = _unmatched(model, targets) if targets else ["an empty list"]
     if unmatched:
-        raise CodexError(f"lora.target_modules: {', '.join(unmatched)} match no linear layer of the model; "
-                         f"its adaptable layers are: {', '.join(sorted(adaptable_modules(model)))}")
+        raise CodexError(
+            f"lora.target_modules: {', '.join(unmatched)} match no linear layer of the model; "
+            f"its adaptable layers are: {', '.join(sorted(adaptable_modules(model)))}"
+        )
 
 
 def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -159,4 +171,4 @@ def load_adapter(peft_model: peft.PeftModel, directory: Path, hf_names: bool) ->
 
 
 def _rename(key: str, fn: Callable[[str], str]) -> str:
-    return _PREFIX + fn(key[len(_PREFIX):]) if key.startswith(_PREFIX) else key
+    return _PREFIX + fn(key[len(_PREFIX) :]) if key.startswith(_PREFIX) else key

@@ -30,12 +30,12 @@ def target_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over target tokens (labels != IGNORE_INDEX), in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = 2048) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``labels`` (IGNORE_INDEX ignored), in fp32.
 
     hidden: (..., D); weight: (V, D); labels: (...). Equals ``summed_token_loss(hidden @ weight.T,
@@ -73,8 +73,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
-            h = hidden[start:start + chunk]
-            y = labels[start:start + chunk]
+            h = hidden[start : start + chunk]
+            y = labels[start : start + chunk]
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, torch.zeros_like(y))
             logits = (h @ w.t()).float()
@@ -92,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(target), device=probs.device), target] -= valid.to(probs.dtype)
             probs = probs.to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = probs @ w
+                grad_hidden[start : start + chunk] = probs @ w
             if grad_weight is not None:
                 grad_weight.addmm_(probs.t().float() if compute_dtype != torch.float32 else probs.t(), h.float())
         ctx.save_for_backward(grad_hidden, grad_weight)

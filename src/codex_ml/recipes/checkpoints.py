@@ -127,4 +127,3 @@ def load_run_model(run_dir: Path, which: str | None, device: torch.device) -> tu
     model = load_checkpoint_model(run_dir, path, device)
     tokenizer = CodeTokenizer.load(run_dir / TOKENIZER_DIR)
     return model, tokenizer, path
-

@@ -64,8 +64,15 @@ def loss_task(cfg: EvaluateConfig, run: TrainConfig, run_dir: Path, model: torch
 
     data: DataConfig = run.data
     if cfg.data_source is not None:
-        data = DataConfig(**{**vars(run.data), "source": cfg.data_source, "paths": list(cfg.data_paths),
-                             "text_field": cfg.data_text_field, "fim_rate": 0.0})
+        data = DataConfig(
+            **{
+                **vars(run.data),
+                "source": cfg.data_source,
+                "paths": list(cfg.data_paths),
+                "text_field": cfg.data_text_field,
+                "fim_rate": 0.0,
+            }
+        )
     seq_len = data.seq_len or 128
     tokenizer_dir = run_dir / TOKENIZER_DIR
     if data.source == "sft":
@@ -82,8 +89,10 @@ def loss_task(cfg: EvaluateConfig, run: TrainConfig, run_dir: Path, model: torch
         batches = eval_batches(stream, seq_len, cfg.batch_size, cfg.max_batches)
     metrics = evaluate_loss(_forward(model), batches, device)
     where = f"{cfg.data_source} {', '.join(cfg.data_paths)}" if cfg.data_source else f"the run's {cfg.split} split"
-    print(f"loss on {where}: loss {metrics['loss']:.4f}, perplexity {metrics['ppl']:.2f}, "
-          f"next-token accuracy {metrics['accuracy']:.4f} over {metrics['tokens']:,} tokens")
+    print(
+        f"loss on {where}: loss {metrics['loss']:.4f}, perplexity {metrics['ppl']:.2f}, "
+        f"next-token accuracy {metrics['accuracy']:.4f} over {metrics['tokens']:,} tokens"
+    )
     prefix = "data" if cfg.data_source else cfg.split  # val_loss as in training's evaluations
     return {"source": where, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
 
@@ -94,8 +103,9 @@ def _fit_prompt(tokenizer: CodeTokenizer, prompt: str, room: int) -> tuple[list[
     return (ids[-room:], True) if len(ids) > room else (ids, False)
 
 
-def humaneval_task(cfg: EvaluateConfig, model: torch.nn.Module, tokenizer: CodeTokenizer,
-                   run_dir: Path) -> tuple[dict, list[dict]]:
+def humaneval_task(
+    cfg: EvaluateConfig, model: torch.nn.Module, tokenizer: CodeTokenizer, run_dir: Path
+) -> tuple[dict, list[dict]]:
     from codex_ml.eval.humaneval import STOP_SEQUENCES, judge_samples, load_problems, pass_at_k
     from codex_ml.eval.metrics import bootstrap_ci
 
@@ -103,13 +113,20 @@ def humaneval_task(cfg: EvaluateConfig, model: torch.nn.Module, tokenizer: CodeT
     task_ids = list(problems)[: cfg.limit or None]
     context = context_length(model.config)
     room = max(1, context - cfg.max_new_tokens)
-    settings = SamplingSettings(max_new_tokens=min(cfg.max_new_tokens, context - 1), temperature=cfg.temperature,
-                                top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(STOP_SEQUENCES),
-                                compile=cfg.compile)
+    settings = SamplingSettings(
+        max_new_tokens=min(cfg.max_new_tokens, context - 1),
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        n=cfg.n,
+        seed=cfg.seed,
+        stop=list(STOP_SEQUENCES),
+        compile=cfg.compile,
+    )
     samples, cut = [], 0
     per_batch = max(1, cfg.batch_size // cfg.n)
     for start in tqdm(range(0, len(task_ids), per_batch), desc="sampling", unit="batch", disable=None):
-        chunk = task_ids[start:start + per_batch]
+        chunk = task_ids[start : start + per_batch]
         prompts = []
         for tid in chunk:
             ids, truncated = _fit_prompt(tokenizer, problems[tid]["prompt"], room)
@@ -122,15 +139,25 @@ def humaneval_task(cfg: EvaluateConfig, model: torch.nn.Module, tokenizer: CodeT
     per_problem: dict[str, list[bool]] = {}
     for r in results:
         per_problem.setdefault(r["task_id"], []).append(bool(r["passed"]))
-    out: dict[str, Any] = {"problems": len(task_ids), "samples_per_problem": cfg.n, "prompts_truncated": cut, **scores,
-           "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
+    out: dict[str, Any] = {
+        "problems": len(task_ids),
+        "samples_per_problem": cfg.n,
+        "prompts_truncated": cut,
+        **scores,
+        "temperature": cfg.temperature,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
     if cfg.ci and per_problem:
         rates = np.array([np.mean(v) for v in per_problem.values()])
         low, high = bootstrap_ci(rates, ci=cfg.ci, seed=cfg.seed)
         out.update({"pass@1_ci_low": float(low), "pass@1_ci_high": float(high), "ci": cfg.ci})
     out["per_problem"] = {tid: {"passed": int(sum(v)), "n": len(v)} for tid, v in per_problem.items()}
-    print("humaneval: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" over {len(task_ids)} problems"
-          + (f" ({cut} prompts cut to fit the context)" if cut else ""))
+    print(
+        "humaneval: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        + f" over {len(task_ids)} problems"
+        + (f" ({cut} prompts cut to fit the context)" if cut else "")
+    )
     return out, results
 
 
@@ -151,8 +178,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
         model = load_checkpoint_model(run_dir, ckpt, device)
         tokenizer = CodeTokenizer.load(run_dir / TOKENIZER_DIR)
         print(f"evaluating {ckpt} on {', '.join(cfg.tasks)}")
-        results: dict = {"checkpoint": str(ckpt), "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                         "tasks": {}}
+        results: dict = {"checkpoint": str(ckpt), "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tasks": {}}
         samples: list[dict] = []
         with torch.no_grad():
             if "loss" in cfg.tasks:
@@ -164,8 +190,12 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
         _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
         _write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         _write_atomic(out / "summary.csv", summary_csv(results))
-        figures = {(k if task == "loss" else f"{task}/{k}"): v for task, m in results["tasks"].items()
-                   for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        figures = {
+            (k if task == "loss" else f"{task}/{k}"): v
+            for task, m in results["tasks"].items()
+            for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         sink = NdjsonSink(run_dir / METRICS_FILE)
         sink.write({"event": "evaluate", "step": step, "checkpoint": ckpt.name, **figures, "time": time.time()})
         sink.close()

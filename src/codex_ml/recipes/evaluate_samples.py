@@ -41,18 +41,33 @@ def evaluate_samples_command(cfg: EvaluateSamplesConfig) -> dict[str, float]:
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
         batch = [records[first[k]] for k in todo]
         with partial.open("a", encoding="utf-8") as log:
+
             def keep(index: int, result: dict) -> None:
-                verdict = {"key": todo[index], "passed": result["passed"], "result": result["result"],
-                           "sandbox": result["sandbox"]}
+                verdict = {
+                    "key": todo[index],
+                    "passed": result["passed"],
+                    "result": result["result"],
+                    "sandbox": result["sandbox"],
+                }
                 log.write(json.dumps(verdict) + "\n")
                 log.flush()  # a verdict on disk is one an interrupted run keeps
                 judged[todo[index]] = verdict
 
-            judge_samples(problems, batch, timeout=cfg.timeout, workers=cfg.workers, memory_mb=cfg.memory_mb,
-                          sandbox=cfg.sandbox, progress=True, on_result=keep)
+            judge_samples(
+                problems,
+                batch,
+                timeout=cfg.timeout,
+                workers=cfg.workers,
+                memory_mb=cfg.memory_mb,
+                sandbox=cfg.sandbox,
+                progress=True,
+                on_result=keep,
+            )
 
-    results = [{**r, "result": judged[k]["result"], "passed": judged[k]["passed"], "sandbox": judged[k]["sandbox"]}
-               for r, k in zip(records, keys)]
+    results = [
+        {**r, "result": judged[k]["result"], "passed": judged[k]["passed"], "sandbox": judged[k]["sandbox"]}
+        for r, k in zip(records, keys)
+    ]
     write_jsonl_atomic(out, results)
     partial.unlink(missing_ok=True)
 
@@ -64,8 +79,16 @@ def evaluate_samples_command(cfg: EvaluateSamplesConfig) -> dict[str, float]:
 
 def sample_key(record: dict, problem: dict, timeout: float, memory_mb: int) -> str:
     """What a verdict depends on: the program (problem and completion) and the limits it ran under."""
-    parts = [JUDGE_VERSION, record["task_id"], record["completion"], problem["prompt"], problem["test"],
-             problem["entry_point"], float(timeout), int(memory_mb)]
+    parts = [
+        JUDGE_VERSION,
+        record["task_id"],
+        record["completion"],
+        problem["prompt"],
+        problem["test"],
+        problem["entry_point"],
+        float(timeout),
+        int(memory_mb),
+    ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 

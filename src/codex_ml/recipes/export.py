@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -22,8 +23,11 @@ from codex_ml.runs import TOKENIZER_DIR
 from codex_ml.tokenizer.core import CodeTokenizer
 from codex_ml.training.device import DTYPES
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def to_hf_module(model: torch.nn.Module, tokenizer: CodeTokenizer) -> torch.nn.Module:
+
+def to_hf_module(model: torch.nn.Module, tokenizer: CodeTokenizer) -> PreTrainedModel:
     """A Hugging Face causal LM for ``model``: native weights as LlamaForCausalLM, others as they are."""
     ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, "bos_token_id": None}
     if isinstance(model, GPT):
@@ -32,10 +36,10 @@ def to_hf_module(model: torch.nn.Module, tokenizer: CodeTokenizer) -> torch.nn.M
         return native_to_hf(model, **ids)
     for key, value in ids.items():
         setattr(model.config, key, value)
-    return model
+    return cast("PreTrainedModel", model)  # any model but the native one is a Hugging Face module
 
 
-def write_hf_dir(model: torch.nn.Module, tokenizer_dir: Path, out: Path, dtype: str) -> None:
+def write_hf_dir(model: PreTrainedModel, tokenizer_dir: Path, out: Path, dtype: str) -> None:
     """Write the model, its generation config and the tokenizer into ``out`` (replaced atomically)."""
     from transformers import GenerationConfig
 
@@ -43,7 +47,7 @@ def write_hf_dir(model: torch.nn.Module, tokenizer_dir: Path, out: Path, dtype: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        model = model.to(DTYPES[dtype])
+        model = model.to(DTYPES[dtype])  # type: ignore[arg-type]  # transformers types .to() through a decorator that loses self
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(str(tmp), safe_serialization=True)
         c = model.config
@@ -61,6 +65,7 @@ def write_hf_dir(model: torch.nn.Module, tokenizer_dir: Path, out: Path, dtype: 
 
 
 def export_command(cfg: ExportConfig) -> None:
+    assert cfg.run_dir is not None and cfg.out is not None  # validate_export requires both
     run_dir = Path(cfg.run_dir).expanduser()
     path = find_checkpoint(run_dir, cfg.checkpoint)
     source = checkpoint_source(path)
@@ -73,6 +78,7 @@ def export_command(cfg: ExportConfig) -> None:
 
 
 def merge_command(cfg: ExportConfig) -> None:
+    assert cfg.run_dir is not None  # validate_export requires it
     run_dir = Path(cfg.run_dir).expanduser()
     path = find_checkpoint(run_dir, cfg.checkpoint)
     if not checkpoint_source(path).get("lora"):

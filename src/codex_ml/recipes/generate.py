@@ -15,18 +15,28 @@ from codex_ml.training.device import resolve_device
 
 def generate_command(cfg: GenerateConfig) -> None:
     device = resolve_device(cfg.device)
+    assert cfg.run_dir is not None  # validate_generate requires it
     model, tokenizer, ckpt = load_run_model(Path(cfg.run_dir), cfg.checkpoint, device)
     print(f"# {ckpt}", file=sys.stderr)
-    settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, n=cfg.n, seed=cfg.seed, stop=list(cfg.stop),
-                                compile=cfg.compile)
+    settings = SamplingSettings(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        n=cfg.n,
+        seed=cfg.seed,
+        stop=list(cfg.stop),
+        compile=cfg.compile,
+    )
     prompt = cfg.prompt
+    request: list[str] | list[list[int]]
     if cfg.suffix is not None:
         # infilling: the model writes the middle between prompt and suffix (fill-in-the-middle, PSM)
         ids = tokenizer.fim_ids
-        if None in (ids["prefix"], ids["middle"], ids["suffix"]):
+        prefix, middle, suffix = ids["prefix"], ids["middle"], ids["suffix"]
+        if prefix is None or middle is None or suffix is None:
             raise CodexError("suffix=... asks for infilling, but the run's tokenizer has no fill-in-the-middle tokens")
-        roles = (ids["prefix"], ids["middle"], ids["suffix"])
+        roles = (prefix, middle, suffix)
         request = [fim_prompt(tokenizer.encode(prompt), tokenizer.encode(cfg.suffix), roles)]
     else:
         request = [prompt]

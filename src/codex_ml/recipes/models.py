@@ -67,10 +67,18 @@ class ModelBundle:
 def native_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     m = cfg.model
     return GPTConfig(
-        vocab_size=m.vocab_size or padded_vocab(vocab_size), n_layer=m.n_layer, n_head=m.n_head,
-        n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff, max_seq_len=m.max_seq_len,
-        rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
-        dropout=m.dropout, init_std=m.init_std,
+        vocab_size=m.vocab_size or padded_vocab(vocab_size),
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_kv_head=m.n_kv_head,
+        d_model=m.d_model,
+        d_ff=m.d_ff,
+        max_seq_len=m.max_seq_len,
+        rope_theta=m.rope_theta,
+        norm_eps=m.norm_eps,
+        tie_embeddings=m.tie_embeddings,
+        dropout=m.dropout,
+        init_std=m.init_std,
     )
 
 
@@ -101,6 +109,7 @@ def _attention_mask(batch: dict) -> torch.Tensor | BlockMask | None:
 def native_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
         return module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=_attention_mask(batch))
+
     return forward
 
 
@@ -115,9 +124,11 @@ def native_loss_sum(module: torch.nn.Module, fused: bool = True) -> Callable[[di
         return lambda batch: summed_token_loss(forward(batch), batch["labels"])
 
     def loss_sum(batch: dict) -> torch.Tensor:
-        hidden = module(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=_attention_mask(batch),
-                        return_hidden=True)
+        hidden = module(
+            batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=_attention_mask(batch), return_hidden=True
+        )
         return linear_cross_entropy(hidden, head.weight, batch["labels"])
+
     return loss_sum
 
 
@@ -131,6 +142,7 @@ def _hf_kwargs(batch: dict) -> dict:
 def hf_forward(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
         return module(**_hf_kwargs(batch), use_cache=False).logits
+
     return forward
 
 
@@ -142,8 +154,10 @@ def hf_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     (``models.loss.SummedLossModule``) so that this whole function runs inside ``DDP.forward``.
     """
     if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        raise TypeError("hf_loss_sum: pass the model, and wrap SummedLossModule(model, loss) in DDP instead, "
-                        "or the backbone call bypasses DDP.forward and gradients are never synchronised")
+        raise TypeError(
+            "hf_loss_sum: pass the model, and wrap SummedLossModule(model, loss) in DDP instead, "
+            "or the backbone call bypasses DDP.forward and gradients are never synchronised"
+        )
     inner = cast("PreTrainedModel", unwrapped(module))  # a Hugging Face module here
     if getattr(inner.config, "model_type", None) not in _FUSABLE:
         forward = hf_forward(module)
@@ -154,6 +168,7 @@ def hf_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def loss_sum(batch: dict) -> torch.Tensor:
         hidden = backbone(**_hf_kwargs(batch), use_cache=False).last_hidden_state
         return linear_cross_entropy(hidden, head.weight, batch["labels"])
+
     return loss_sum
 
 
@@ -223,16 +238,20 @@ def find_native_weights(path: Path) -> Path:
 
     found = latest_complete_checkpoint(path / "checkpoints")
     if found is None or not (found.path / CONFIG_NAME).exists():
-        raise ConfigError("model.path", f"{path} holds no native model ({WEIGHTS_NAME} with {CONFIG_NAME}), "
-                                        "nor a run folder with a complete checkpoint of one")
+        raise ConfigError(
+            "model.path",
+            f"{path} holds no native model ({WEIGHTS_NAME} with {CONFIG_NAME}), "
+            "nor a run folder with a complete checkpoint of one",
+        )
     return found.path
 
 
 # ------------------------------------------------------------------ building
 
 
-def _base_model(cfg: TrainConfig, vocab_size: int, dtype: torch.dtype,
-                log: Callable[[str], None]) -> tuple[torch.nn.Module, GPT | None, dict]:
+def _base_model(
+    cfg: TrainConfig, vocab_size: int, dtype: torch.dtype, log: Callable[[str], None]
+) -> tuple[torch.nn.Module, GPT | None, dict]:
     """(the module, the native decoder when there is one, a description of where it came from)."""
     m = cfg.model
     if m.kind == "native":
@@ -301,8 +320,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Ca
         targets = resolve_target_modules(base, list(lo.target_modules), source.get("model_type"))
         log(f"lora: adapting {targets.describe()}")
         module = apply_lora(base, lo.r, lo.alpha, lo.dropout, targets.names, causal_lm=hf_module)
-        files = lambda: {**adapter_files(module, hf_names=source["kind"] == "hf-native", base_path=source.get("path")),
-                         **frozen}
+        files = lambda: {**adapter_files(module, hf_names=source["kind"] == "hf-native", base_path=source.get("path")), **frozen}
         load = lambda d: load_adapter(module, d, hf_names=source["kind"] == "hf-native")
     elif native is None:
         files, load = (lambda: _hf_weight_files(hf_base)), (lambda d: _load_hf_weights(base, d))
@@ -312,8 +330,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Ca
 
     def checkpoint_files() -> dict[str, bytes]:
         out = files()
-        out[SOURCE_FILE] = (json.dumps({**source, "lora": lo.enabled, "adapter_hf_names": hf_names and lo.enabled},
-                                       indent=2) + "\n").encode()
+        out[SOURCE_FILE] = (
+            json.dumps({**source, "lora": lo.enabled, "adapter_hf_names": hf_names and lo.enabled}, indent=2) + "\n"
+        ).encode()
         return out
 
     if native is None:
@@ -321,11 +340,34 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Ca
         max_len = context_length(config)
         n = sum(p.numel() for p in base.parameters()) - hf_base.get_input_embeddings().weight.numel()  # type: ignore[operator]  # as above
         describe = f"{config.model_type} from {source['path']} (Hugging Face module)"
-        return ModelBundle(module, describe, int(max_len), hf_forward, hf_loss_sum, checkpoint_files, load,
-                           lambda seq: 6.0 * n, native=None, source=source, supports_packing=False)
+        return ModelBundle(
+            module,
+            describe,
+            int(max_len),
+            hf_forward,
+            hf_loss_sum,
+            checkpoint_files,
+            load,
+            lambda seq: 6.0 * n,
+            native=None,
+            source=source,
+            supports_packing=False,
+        )
     c = native.config
     origin = f"from {source['path']}" if source.get("path") else m.preset
-    describe = (f"native {origin} ({c.n_layer} layers, width {c.d_model}, {c.n_head} heads / {c.n_kv_head} kv, "
-                f"vocab {c.vocab_size}, {m.dtype})")
-    return ModelBundle(module, describe, c.max_seq_len, native_forward, native_loss_sum, checkpoint_files, load,
-                       native.flops_per_token, native=native, source=source)
+    describe = (
+        f"native {origin} ({c.n_layer} layers, width {c.d_model}, {c.n_head} heads / {c.n_kv_head} kv, "
+        f"vocab {c.vocab_size}, {m.dtype})"
+    )
+    return ModelBundle(
+        module,
+        describe,
+        c.max_seq_len,
+        native_forward,
+        native_loss_sum,
+        checkpoint_files,
+        load,
+        native.flops_per_token,
+        native=native,
+        source=source,
+    )

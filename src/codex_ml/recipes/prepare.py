@@ -78,9 +78,15 @@ def _cleaning_config(data: DataConfig) -> CleaningConfig:
 
 def _safety_settings(data: DataConfig) -> SafetySettings:
     return SafetySettings(
-        data.redact, tuple(data.redact_detectors), tuple(sorted(dict(data.redact_placeholders).items())),
-        data.near_dedup, MinHashSettings(data.near_dedup_ngram, data.near_dedup_num_perm, data.near_dedup_threshold),
-        tuple(data.decontaminate), data.decontaminate_ngram, data.decontaminate_threshold)
+        data.redact,
+        tuple(data.redact_detectors),
+        tuple(sorted(dict(data.redact_placeholders).items())),
+        data.near_dedup,
+        MinHashSettings(data.near_dedup_ngram, data.near_dedup_num_perm, data.near_dedup_threshold),
+        tuple(data.decontaminate),
+        data.decontaminate_ngram,
+        data.decontaminate_threshold,
+    )
 
 
 REDACTIONS, CONTAMINATION = "redactions.jsonl", "contamination.jsonl"  # beside the manifest
@@ -115,14 +121,21 @@ class _Corpus:
         self.safety = _safety_settings(data)
         try:
             placeholders_with(dict(self.safety.placeholders))
-            self.benchmark_items = load_benchmarks(self.safety.benchmarks, list(data.decontaminate_fields),
-                                                   data.decontaminate_id_field)
+            self.benchmark_items = load_benchmarks(
+                self.safety.benchmarks, list(data.decontaminate_fields), data.decontaminate_id_field
+            )
         except (BenchmarkError, ValueError) as e:
             raise DataError(str(e)) from None
         benchmarks = [(b.benchmark, b.item, b.field, b.text) for b in self.benchmark_items]
-        self.key = _key(FORMAT_VERSION, self.source.fingerprint(), asdict(_cleaning_config(data)), data.val_fraction,
-                        asdict(self.safety), hashlib.sha256(json.dumps(benchmarks).encode()).hexdigest(),
-                        data.expected_sha256)
+        self.key = _key(
+            FORMAT_VERSION,
+            self.source.fingerprint(),
+            asdict(_cleaning_config(data)),
+            data.val_fraction,
+            asdict(self.safety),
+            hashlib.sha256(json.dumps(benchmarks).encode()).hexdigest(),
+            data.expected_sha256,
+        )
         self._split: tuple[list[Document], list[Document]] | None = None
         self.report = CleaningReport()
         self.safety_report = SafetyReport()
@@ -132,8 +145,11 @@ class _Corpus:
         """The near-dedup index of this source (its paths, not their content): later runs over the same folders
         deduplicate new files against the documents kept before."""
         d = self.data
-        return cache_root(d) / "near_dedup" / _key(d.source, list(d.paths), list(d.patterns), d.text_field,
-                                                   d.id_field, asdict(self.safety.minhash))
+        return (
+            cache_root(d)
+            / "near_dedup"
+            / _key(d.source, list(d.paths), list(d.patterns), d.text_field, d.id_field, asdict(self.safety.minhash))
+        )
 
     def split(self) -> tuple[list[Document], list[Document]]:
         if self._split is None:
@@ -144,20 +160,30 @@ class _Corpus:
                 raise DataError(str(e)) from None
             self.log(self.report.summary())
             if not docs:
-                raise DataError(f"no documents left after cleaning {self.source.description}: " + "; ".join(
-                    self.report.summary().splitlines()[1:]))
+                raise DataError(
+                    f"no documents left after cleaning {self.source.description}: "
+                    + "; ".join(self.report.summary().splitlines()[1:])
+                )
             self.content_sha256 = content_sha256(docs)
             if self.data.expected_sha256 and self.content_sha256 != self.data.expected_sha256:
-                raise DataError(f"{self.source.description}: content hash {self.content_sha256} differs from the "
-                                f"expected data.expected_sha256={self.data.expected_sha256}")
-            docs = make_safe(docs, self.safety, self.benchmark_items, self.data.num_workers, self.safety_report,
-                             self.redactions, self.index_dir() if self.safety.near_dedup else None)
+                raise DataError(
+                    f"{self.source.description}: content hash {self.content_sha256} differs from the "
+                    f"expected data.expected_sha256={self.data.expected_sha256}"
+                )
+            docs = make_safe(
+                docs,
+                self.safety,
+                self.benchmark_items,
+                self.data.num_workers,
+                self.safety_report,
+                self.redactions,
+                self.index_dir() if self.safety.near_dedup else None,
+            )
             self.log(self.safety_report.summary(self.data.redact_report))
             if self.data.redact_report:
                 _write_jsonl(Path(self.data.redact_report).expanduser(), self.redactions)
             if not docs:
-                raise DataError(f"no documents left after redaction, decontamination and near-dedup of "
-                                f"{self.source.description}")
+                raise DataError(f"no documents left after redaction, decontamination and near-dedup of {self.source.description}")
             self._split = split_documents(docs, self.data.val_fraction)
         return self._split
 
@@ -183,10 +209,19 @@ def _tokenizer(corpus: _Corpus, tok: TokenizerConfig, root: Path, log: Callable[
     train, _ = corpus.split()
     texts = tokenizer_sample(train, tok.train_bytes)
     start = time.time()
-    log(f"tokenizer: training {tok.kind} with {tok.vocab_size} tokens on {len(texts)} documents"
-        + (f" (a sample of {len(train)}, tokenizer.train_bytes={tok.train_bytes:,})" if len(texts) < len(train) else ""))
-    specials = SpecialTokens(tok.eos_token, tok.pad_token, tok.fim_prefix_token, tok.fim_middle_token,
-                             tok.fim_suffix_token, tok.fim_pad_token, list(tok.extra_special_tokens))
+    log(
+        f"tokenizer: training {tok.kind} with {tok.vocab_size} tokens on {len(texts)} documents"
+        + (f" (a sample of {len(train)}, tokenizer.train_bytes={tok.train_bytes:,})" if len(texts) < len(train) else "")
+    )
+    specials = SpecialTokens(
+        tok.eos_token,
+        tok.pad_token,
+        tok.fim_prefix_token,
+        tok.fim_middle_token,
+        tok.fim_suffix_token,
+        tok.fim_pad_token,
+        list(tok.extra_special_tokens),
+    )
     trained = train_tokenizer(tok.kind, texts, tok.vocab_size, specials, tok.min_frequency)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -216,13 +251,11 @@ def tokenizer_sample(docs: list[Document], train_bytes: int) -> list[str]:
 
 
 def save_tokenizer(tokenizer: CodeTokenizer, directory: Path, tok: TokenizerConfig) -> None:
-    extra = [tok.fim_prefix_token, tok.fim_middle_token, tok.fim_suffix_token, tok.fim_pad_token,
-             *tok.extra_special_tokens]
+    extra = [tok.fim_prefix_token, tok.fim_middle_token, tok.fim_suffix_token, tok.fim_pad_token, *tok.extra_special_tokens]
     tokenizer.save(directory, extra, tok.model_max_length, tok.padding_side, tok.truncation_side)
 
 
-def train_tokenizer_only(data: DataConfig, tok: TokenizerConfig, out: Path,
-                         log: Callable[[str], None] = print) -> CodeTokenizer:
+def train_tokenizer_only(data: DataConfig, tok: TokenizerConfig, out: Path, log: Callable[[str], None] = print) -> CodeTokenizer:
     """`codex-ml tokenizer`: train (or reuse from the cache) and save into ``out``."""
     corpus = _Corpus(data, log)
     tokenizer, cached = _tokenizer(corpus, tok, cache_root(data), log)
@@ -234,8 +267,9 @@ def train_tokenizer_only(data: DataConfig, tok: TokenizerConfig, out: Path,
     return tokenizer
 
 
-def prepare_data(data: DataConfig, tok: TokenizerConfig, tokenizer_dir: Path | None = None,
-                 log: Callable[[str], None] = print) -> PreparedData:
+def prepare_data(
+    data: DataConfig, tok: TokenizerConfig, tokenizer_dir: Path | None = None, log: Callable[[str], None] = print
+) -> PreparedData:
     """Tokenizer plus packed train/validation shards for ``data``; reuses the cache when nothing changed.
 
     ``tokenizer_dir``: use this tokenizer (a resumed run's, or a Hugging Face model's) instead of
@@ -268,8 +302,12 @@ def prepare_data(data: DataConfig, tok: TokenizerConfig, tokenizer_dir: Path | N
     for name, docs in (("train", train), ("val", val)):
         bar = tqdm(total=len(docs), desc=f"tokenizing {name}", unit="doc", disable=None, file=sys.stderr)
         # fill-in-the-middle applies to training documents only: validation measures plain loss
-        token_lists = _counted(tokenize_documents(((d.id, d.text) for d in docs), tokenizer_dir / TOKENIZER_FILE,
-                                                  data.num_workers, fim if name == "train" else None), bar)
+        token_lists = _counted(
+            tokenize_documents(
+                ((d.id, d.text) for d in docs), tokenizer_dir / TOKENIZER_FILE, data.num_workers, fim if name == "train" else None
+            ),
+            bar,
+        )
         stats = write_split(token_lists, tmp, name, tokenizer.eos_id, dtype)
         bar.close()
         splits[name] = asdict(stats)
@@ -293,9 +331,11 @@ def prepare_data(data: DataConfig, tok: TokenizerConfig, tokenizer_dir: Path | N
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     final.parent.mkdir(parents=True, exist_ok=True)
     _publish(tmp, final)
-    log(f"data: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens "
+    log(
+        f"data: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens "
         f"({splits['train']['documents']} / {splits['val']['documents']} documents, {dtype.name}) "
-        f"in {time.time() - start:.1f}s -> {final}")
+        f"in {time.time() - start:.1f}s -> {final}"
+    )
     return PreparedData(final, tokenizer, Path(tokenizer_dir), read_manifest(final))
 
 
@@ -305,8 +345,10 @@ def fim_settings(data: DataConfig, tokenizer: CodeTokenizer) -> FimSettings | No
     ids = tokenizer.fim_ids
     missing = [role for role in ("prefix", "middle", "suffix") if ids[role] is None]
     if missing:
-        raise DataError(f"data.fim_rate={data.fim_rate} needs fill-in-the-middle tokens; the tokenizer has no "
-                        f"{', '.join('fim_' + m for m in missing)} token")
+        raise DataError(
+            f"data.fim_rate={data.fim_rate} needs fill-in-the-middle tokens; the tokenizer has no "
+            f"{', '.join('fim_' + m for m in missing)} token"
+        )
     prefix, middle, suffix = ids["prefix"], ids["middle"], ids["suffix"]
     assert prefix is not None and middle is not None and suffix is not None  # checked just above
     return FimSettings(data.fim_rate, data.fim_mode, data.fim_spm_rate, prefix, middle, suffix)
@@ -345,13 +387,21 @@ def _rows_sha256(rows: Rows) -> str:
 
 
 def _load_rows(directory: Path, split: str) -> Rows:
-    arrays = {name: np.load(directory / f"{split}_{name}.npy", mmap_mode="r")
-              for name in ("input_ids", "labels", "position_ids", "segments")}
+    arrays = {
+        name: np.load(directory / f"{split}_{name}.npy", mmap_mode="r")
+        for name in ("input_ids", "labels", "position_ids", "segments")
+    }
     return Rows(**arrays)
 
 
-def prepare_sft(data: DataConfig, tokenizer: CodeTokenizer, tokenizer_dir: Path, seq_len: int,
-                truncation_side: str = "right", log: Callable[[str], None] = print) -> PreparedRows:
+def prepare_sft(
+    data: DataConfig,
+    tokenizer: CodeTokenizer,
+    tokenizer_dir: Path,
+    seq_len: int,
+    truncation_side: str = "right",
+    log: Callable[[str], None] = print,
+) -> PreparedRows:
     """Fine-tuning examples from JSONL records, split by record id, packed into rows; cached.
 
     The cache key covers every input the rows depend on: the files (path, size, modification time),
@@ -368,8 +418,18 @@ def prepare_sft(data: DataConfig, tokenizer: CodeTokenizer, tokenizer_dir: Path,
             raise DataError(f"data path {given} does not exist")
         files += [(f.name, f) for f in ([p] if p.is_file() else sorted(p.rglob("*.jsonl")))]
     encoder = SftEncoder(tokenizer_dir)
-    key = _key(FORMAT_VERSION, "sft", _stat_fingerprint(files), encoder.fingerprint(), tokenizer.pad_id, seq_len,
-               data.pack, data.val_fraction, data.id_field, truncation_side)
+    key = _key(
+        FORMAT_VERSION,
+        "sft",
+        _stat_fingerprint(files),
+        encoder.fingerprint(),
+        tokenizer.pad_id,
+        seq_len,
+        data.pack,
+        data.val_fraction,
+        data.id_field,
+        truncation_side,
+    )
     final = cache_root(data) / "sft" / key
     if (final / MANIFEST).exists():
         log(f"data: reusing {final}")
@@ -396,12 +456,18 @@ def prepare_sft(data: DataConfig, tokenizer: CodeTokenizer, tokenizer_dir: Path,
     _save_rows(val_rows, tmp, "val")
     trained = lambda rows: int((rows.labels != IGNORE_INDEX).sum())
     manifest: dict[str, Any] = {
-        "format": FORMAT_VERSION, "kind": "sft", "seq_len": seq_len, "pack": data.pack,
-        "tokenizer_sha256": tokenizer.sha256(), "truncated": truncated,
-        "splits": {name: {"examples": len(examples), "rows": len(rows), "target_tokens": trained(rows),
-                          "sha256": _rows_sha256(rows)}
-                   for name, examples, rows in (("train", train, train_rows), ("val", val, val_rows))},
-        "source": ", ".join(data.paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "format": FORMAT_VERSION,
+        "kind": "sft",
+        "seq_len": seq_len,
+        "pack": data.pack,
+        "tokenizer_sha256": tokenizer.sha256(),
+        "truncated": truncated,
+        "splits": {
+            name: {"examples": len(examples), "rows": len(rows), "target_tokens": trained(rows), "sha256": _rows_sha256(rows)}
+            for name, examples, rows in (("train", train, train_rows), ("val", val, val_rows))
+        },
+        "source": ", ".join(data.paths),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # the dataset's hash: the rows' own hashes are part of what it covers, so different data differs
     manifest["sha256"] = hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()
@@ -409,6 +475,8 @@ def prepare_sft(data: DataConfig, tokenizer: CodeTokenizer, tokenizer_dir: Path,
     final.parent.mkdir(parents=True, exist_ok=True)
     _publish(tmp, final)
     s = manifest["splits"]
-    log(f"data: {s['train']['examples']} training examples in {s['train']['rows']} rows of {seq_len} "
-        f"({'packed' if data.pack else 'one per row'}), {s['val']['examples']} validation; {truncated} truncated")
+    log(
+        f"data: {s['train']['examples']} training examples in {s['train']['rows']} rows of {seq_len} "
+        f"({'packed' if data.pack else 'one per row'}), {s['val']['examples']} validation; {truncated} truncated"
+    )
     return PreparedRows(final, _load_rows(final, "train"), _load_rows(final, "val"), read_manifest(final))

@@ -13,5 +13,7 @@ def prepare_command(cfg: TrainConfig) -> None:
         prepared = prepare_for_run(cfg, run_dir)
         write_config(cfg, run_dir)
     splits = prepared.manifest["splits"]
-    log(f"prepared {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens "
-        f"in {prepared.directory}; tokenizer in {run_dir / 'tokenizer'}")
+    log(
+        f"prepared {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens "
+        f"in {prepared.directory}; tokenizer in {run_dir / 'tokenizer'}"
+    )

@@ -9,6 +9,7 @@ from codex_ml.tracking.report import compare_runs, write_report
 
 
 def report_command(cfg: ReportConfig) -> Path:
+    assert cfg.run_dir is not None  # validate_report requires it
     path = write_report(Path(cfg.run_dir))
     print(f"report: {path}")
     return path

@@ -113,16 +113,22 @@ def dataset_record(prepared: PreparedData | PreparedRows) -> dict:
 
 def write_env(cfg: TrainConfig, run_dir: Path, dataset: dict, tokenizer: CodeTokenizer, extra: dict) -> dict:
     env = environment()
-    env.update({
-        "seed": cfg.training.seed,
-        "seeds": {"python": cfg.training.seed, "numpy": cfg.training.seed, "torch": cfg.training.seed,
-                  "data_order": cfg.training.seed},
-        "deterministic": cfg.training.deterministic,
-        "dataset": dataset,
-        "tokenizer": {"sha256": tokenizer.sha256(), "vocab_size": len(tokenizer)},
-        "cache_dir": str(cache_root(cfg.data)),
-        **extra,
-    })
+    env.update(
+        {
+            "seed": cfg.training.seed,
+            "seeds": {
+                "python": cfg.training.seed,
+                "numpy": cfg.training.seed,
+                "torch": cfg.training.seed,
+                "data_order": cfg.training.seed,
+            },
+            "deterministic": cfg.training.deterministic,
+            "dataset": dataset,
+            "tokenizer": {"sha256": tokenizer.sha256(), "vocab_size": len(tokenizer)},
+            "cache_dir": str(cache_root(cfg.data)),
+            **extra,
+        }
+    )
     (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2, default=str) + "\n")
     return env
 
@@ -133,8 +139,10 @@ def sft_tokenizer(cfg: TrainConfig, run_dir: Path) -> CodeTokenizer:
     if not (own / "tokenizer.json").exists():
         source = model_tokenizer_dir(cfg) or (Path(cfg.tokenizer.path).expanduser() if cfg.tokenizer.path else None)
         if source is None:
-            raise ConfigError("model.path", "data.source=sft fine-tunes a model: set model.path (model=hf, or a native "
-                                            "run to continue), or tokenizer.path")
+            raise ConfigError(
+                "model.path",
+                "data.source=sft fine-tunes a model: set model.path (model=hf, or a native run to continue), or tokenizer.path",
+            )
         tokenizer = CodeTokenizer.load(source)
         tmp = run_dir / f".tmp-{TOKENIZER_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,8 +162,11 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
     if cfg.tracking.wandb:
         require_wandb()  # before anything is written
     if cfg.model.attention == "flex" and device.type != "cuda":
-        raise ConfigError("model.attention", "flex trains on CUDA GPUs only (FlexAttention has no backward pass on "
-                                             f"{device.type} in torch {torch.__version__}); use model.attention=sdpa")
+        raise ConfigError(
+            "model.attention",
+            "flex trains on CUDA GPUs only (FlexAttention has no backward pass on "
+            f"{device.type} in torch {torch.__version__}); use model.attention=sdpa",
+        )
     existed = run_dir.exists()
     lock = RunLock(run_dir)
     if dist.is_main:
@@ -226,38 +237,60 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
 
     if is_sft:
         if cfg.data.pack and not bundle.supports_packing:
-            raise ConfigError("data.pack", "packed rows restart attention at every example, which needs the native "
-                                           "decoder; this model trains as a Hugging Face module: set data.pack=false")
+            raise ConfigError(
+                "data.pack",
+                "packed rows restart attention at every example, which needs the native "
+                "decoder; this model trains as a Hugging Face module: set data.pack=false",
+            )
         native_rows = bundle.native is not None
-        prepared = prepare_sft(cfg.data, tokenizer, run_dir / TOKENIZER_DIR, cfg.data.seq_len,
-                               cfg.tokenizer.truncation_side, log=log if dist.is_main else lambda m: None)
+        prepared = prepare_sft(
+            cfg.data,
+            tokenizer,
+            run_dir / TOKENIZER_DIR,
+            cfg.data.seq_len,
+            cfg.tokenizer.truncation_side,
+            log=log if dist.is_main else lambda m: None,
+        )
         flex = native_rows and cfg.model.attention == "flex"
         rows = prepared
-        batches: RowBatches | PackedBatches = RowBatches(rows.train, t.batch_size, t.seed, native_rows, dist.rank,
-                                                         dist.world_size, flex=flex)
-        val_rows = lambda bound: eval_row_batches(rows.val, t.batch_size, native_rows, bound, flex=flex,
-                                                  rank=dist.rank, world_size=dist.world_size)
+        batches: RowBatches | PackedBatches = RowBatches(
+            rows.train, t.batch_size, t.seed, native_rows, dist.rank, dist.world_size, flex=flex
+        )
+        val_rows = lambda bound: eval_row_batches(
+            rows.val, t.batch_size, native_rows, bound, flex=flex, rank=dist.rank, world_size=dist.world_size
+        )
     else:
         assert isinstance(prepared, PreparedData)  # prepared above for a token corpus
         train_stream = TokenStream(open_split(prepared.directory, "train"))
         val_stream = TokenStream(open_split(prepared.directory, "val"))
-        batches = PackedBatches(train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size,
-                                pin_memory=device.type == "cuda")
-        val_rows = lambda bound: eval_batches(val_stream, seq_len, t.batch_size, bound, dist.rank,
-                                              dist.world_size)
+        batches = PackedBatches(
+            train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda"
+        )
+        val_rows = lambda bound: eval_batches(val_stream, seq_len, t.batch_size, bound, dist.rank, dist.world_size)
 
     def evaluate(whole_split: bool = False) -> dict:
         """The validation loss on a fixed sample spread over the split (``training.eval_batches``
         batches per rank), or on all of it; ``val_tokens`` says how many target tokens it covers."""
         model.eval()
-        m = evaluate_loss(bundle.forward_with(model), val_rows(0 if whole_split else t.eval_batches), device,
-                          autocast, dist.all_reduce_sum if dist.enabled else None)
+        m = evaluate_loss(
+            bundle.forward_with(model),
+            val_rows(0 if whole_split else t.eval_batches),
+            device,
+            autocast,
+            dist.all_reduce_sum if dist.enabled else None,
+        )
         return {f"val_{k}": v for k, v in m.items()}
 
     settings = LoopSettings(
-        max_steps=t.max_steps, grad_accum=t.grad_accum, grad_clip=t.grad_clip, log_every=t.log_every,
-        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, best_metric=t.best_metric,
-        best_mode=t.best_mode, early_stopping_patience=t.early_stopping_patience,
+        max_steps=t.max_steps,
+        grad_accum=t.grad_accum,
+        grad_clip=t.grad_clip,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        best_metric=t.best_metric,
+        best_mode=t.best_mode,
+        early_stopping_patience=t.early_stopping_patience,
         early_stopping_min_delta=t.early_stopping_min_delta,
         flops_per_token=bundle.flops_per_token(cfg.data.seq_len),
         peak_flops=peak_flops(device, t.precision) * dist.world_size,
@@ -272,9 +305,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
         resumed_state = load_torch_file(resume.path / STATE_FILE)
         saved_ranks = len(resumed_state["loader"])
         if saved_ranks != dist.world_size:
-            raise ConfigError("training", f"{resume.path.name} was saved by {saved_ranks} rank(s); resume it with as many "
-                                          f"(torchrun --nproc_per_node={saved_ranks}), not {dist.world_size}, or the data "
-                                          "order and the random streams of each rank cannot continue exactly")
+            raise ConfigError(
+                "training",
+                f"{resume.path.name} was saved by {saved_ranks} rank(s); resume it with as many "
+                f"(torchrun --nproc_per_node={saved_ranks}), not {dist.world_size}, or the data "
+                "order and the random streams of each rank cannot continue exactly",
+            )
         batches.load_state_dict(resumed_state["loader"][dist.rank])
         metrics_offset = resumed_state["metrics_offset"]
 
@@ -282,11 +318,19 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
     trackers: Trackers | None = None
     if dist.is_main:
         write_config(cfg, run_dir)
-        env = write_env(cfg, run_dir, dataset_record(prepared), tokenizer, {
-            "device": str(device), "world_size": dist.world_size, "model": bundle.describe,
-            "parameters": bundle.parameter_counts(),
-            "resumed_from": str(resume.path) if resume else None,
-        })
+        env = write_env(
+            cfg,
+            run_dir,
+            dataset_record(prepared),
+            tokenizer,
+            {
+                "device": str(device),
+                "world_size": dist.world_size,
+                "model": bundle.describe,
+                "parameters": bundle.parameter_counts(),
+                "resumed_from": str(resume.path) if resume else None,
+            },
+        )
         events = EventLog(NdjsonSink(run_dir / METRICS_FILE, truncate_to=metrics_offset))
         trackers = start_trackers(cfg, run_dir, events, env, sweep, current_step=lambda: trainer.state.step, log=log)
 
@@ -310,22 +354,38 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
         events.flush()
         files = bundle.checkpoint_files()
         files[OPTIMIZER_FILE] = torch_bytes(optimizer.state_dict())
-        files[STATE_FILE] = torch_bytes({
-            "trainer": trainer.state_dict(), "loader": loader_states, "rng": rng_states,
-            "metrics_offset": events.primary.size(),
-        })
+        files[STATE_FILE] = torch_bytes(
+            {
+                "trainer": trainer.state_dict(),
+                "loader": loader_states,
+                "rng": rng_states,
+                "metrics_offset": events.primary.size(),
+            }
+        )
         # a checkpoint carries the metrics of an evaluation at its own step only (for best-k)
         fresh = state.last_eval_step == state.step
         metrics = {k: v for k, v in state.last_metrics.items() if fresh and isinstance(v, (int, float))}
-        path = save_checkpoint(ckpt_root, state.step, files, metrics=metrics,
-                               extra={"tokens": state.tokens, "time": time.time()})
+        path = save_checkpoint(ckpt_root, state.step, files, metrics=metrics, extra={"tokens": state.tokens, "time": time.time()})
         prune_checkpoints(ckpt_root, t.keep_last, t.keep_best, t.best_metric, t.best_mode)
         emit({"event": "checkpoint", "step": state.step, "path": str(path.relative_to(run_dir))})
 
     trainer = Trainer(
-        train_model, train_model, optimizer, scheduler, batches, settings, device, evaluate, save, emit,
-        autocast=autocast, scaler=scaler, all_reduce=dist.all_reduce_sum if dist.enabled else None,
-        no_sync=getattr(train_model, "no_sync", contextlib.nullcontext), stop=stop, world_size=dist.world_size,
+        train_model,
+        train_model,
+        optimizer,
+        scheduler,
+        batches,
+        settings,
+        device,
+        evaluate,
+        save,
+        emit,
+        autocast=autocast,
+        scaler=scaler,
+        all_reduce=dist.all_reduce_sum if dist.enabled else None,
+        no_sync=getattr(train_model, "no_sync", contextlib.nullcontext),
+        stop=stop,
+        world_size=dist.world_size,
     )
     if resumed_state is not None:
         trainer.load_state_dict(resumed_state["trainer"])
@@ -336,19 +396,44 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
     if dist.is_main:
         assert events is not None
         counts = bundle.parameter_counts()
-        log(f"model: {bundle.describe}; {counts['total']:,} parameters, {counts['trainable']:,} trainable; "
-            f"device {device}, precision {t.precision}")
-        events.log({"event": "start", "step": start_step, "resumed": resume is not None, "device": str(device),
-                    "parameters": counts["total"], "trainable_parameters": counts["trainable"]})
+        log(
+            f"model: {bundle.describe}; {counts['total']:,} parameters, {counts['trainable']:,} trainable; "
+            f"device {device}, precision {t.precision}"
+        )
+        events.log(
+            {
+                "event": "start",
+                "step": start_step,
+                "resumed": resume is not None,
+                "device": str(device),
+                "parameters": counts["total"],
+                "trainable_parameters": counts["trainable"],
+            }
+        )
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if start_step < t.max_steps and t.engine == "hf":
             from codex_ml.training.hf_trainer import run_hf_trainer
 
-            state = run_hf_trainer(compiled, model_loss.loss_sum, optimizer, scheduler, batches, settings, trainer.state,
-                                   t.batch_size, t.precision, t.seed, device, evaluate, save, emit, stop,
-                                   all_reduce=dist.all_reduce_sum if dist.enabled else None)
+            state = run_hf_trainer(
+                compiled,
+                model_loss.loss_sum,
+                optimizer,
+                scheduler,
+                batches,
+                settings,
+                trainer.state,
+                t.batch_size,
+                t.precision,
+                t.seed,
+                device,
+                evaluate,
+                save,
+                emit,
+                stop,
+                all_reduce=dist.all_reduce_sum if dist.enabled else None,
+            )
         elif start_step < t.max_steps:
             state = trainer.run()
         else:
@@ -370,8 +455,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
             _print_sample(cfg, bundle, tokenizer)
             events.log({"event": "end", "step": state.step})
             if "val_loss" in result:
-                log(f"final val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) at step {state.step} "
-                    f"over {result.get('val_tokens', 0):,} validation tokens; run folder {run_dir}")
+                log(
+                    f"final val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) at step {state.step} "
+                    f"over {result.get('val_tokens', 0):,} validation tokens; run folder {run_dir}"
+                )
         events.flush()
         final = latest_complete_checkpoint(ckpt_root)
         trackers.finish(run_dir, interrupted=stop.agreed is not None, final_checkpoint=final.path if final else None)
@@ -396,4 +483,3 @@ def _print_sample(cfg: TrainConfig, bundle: ModelBundle, tokenizer: CodeTokenize
 def final_metric(metrics: dict, name: str) -> float:
     value = metrics.get(name)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
-

@@ -7,8 +7,10 @@ From the outside in: ``CatchAll`` (no traceback ever reaches a client or the log
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -22,6 +24,11 @@ from codex_ml.serve.metrics import ServerMetrics
 from codex_ml.serve.openai_routes import Services, chat, complete
 from codex_ml.serve.request_log import RequestLog
 from codex_ml.serve.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, JobRequest, TokenizeRequest
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from codex_ml.serve.jobs import JobManager
 
 
 @dataclass
@@ -37,17 +44,28 @@ class AppSettings:
     quiet: bool = False  # no access log lines (tests)
 
 
-def create_app(served: ServedModel, settings: AppSettings, keys: KeyStore | None, jobs=None,
-               request_log: RequestLog | None = None) -> tuple[FastAPI, object]:
+def create_app(
+    served: ServedModel,
+    settings: AppSettings,
+    keys: KeyStore | None,
+    jobs: JobManager | None = None,
+    request_log: RequestLog | None = None,
+) -> tuple[FastAPI, CatchAll]:
     """(the FastAPI app, the ASGI app to serve: the app inside its layers). ``keys`` None: no auth."""
     metrics = ServerMetrics()
     metrics.watch(served.scheduler)
-    svc = Services(served, settings.caps, RateLimiter(settings.requests_per_minute, settings.tokens_per_minute),
-                   ConcurrencyLimiter(settings.max_concurrent_per_key), metrics, settings.redact_output,
-                   log_texts=request_log is not None)
+    svc = Services(
+        served,
+        settings.caps,
+        RateLimiter(settings.requests_per_minute, settings.tokens_per_minute),
+        ConcurrencyLimiter(settings.max_concurrent_per_key),
+        metrics,
+        settings.redact_output,
+        log_texts=request_log is not None,
+    )
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if jobs is not None:
             jobs.start()
         try:
@@ -61,46 +79,47 @@ def create_app(served: ServedModel, settings: AppSettings, keys: KeyStore | None
     install_error_handlers(app)
     app.state.services, app.state.metrics = svc, metrics
 
-    @app.get("/health")
-    async def health():
+    # response_model=None on the routes that return dicts: their return annotations are for the type
+    # checker only, so that FastAPI serialises them exactly as before (no response model)
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse | dict:
         if served.scheduler.error is not None:
             return JSONResponse({"status": "error"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def prometheus():
+    async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
-        return {"id": served.model_id, "object": "model", "created": 0, "owned_by": "codex-ml",
-                "max_model_len": served.context}
+        return {"id": served.model_id, "object": "model", "created": 0, "owned_by": "codex-ml", "max_model_len": served.context}
 
-    @app.get("/v1/models")
-    async def models():
+    @app.get("/v1/models", response_model=None)
+    async def models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
+    @app.get("/v1/models/{model_id:path}", response_model=None)
+    async def model(model_id: str) -> dict:
         served.check_model(model_id)
         return model_card()
 
     @app.post("/v1/completions")
-    async def completions(request: Request, body: CompletionRequest):
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         return await complete(request, body, svc)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatRequest):
+    async def chat_completions(request: Request, body: ChatRequest) -> Response:
         return await chat(request, body, svc)
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request, body: TokenizeRequest):
+    @app.post("/tokenize", response_model=None)
+    async def tokenize(request: Request, body: TokenizeRequest) -> dict:
         served.check_model(body.model)
         svc.rates.take_request(request.scope["state"].get("key_name") or "anonymous")
         ids = served.tokenizer.encode(body.prompt)  # no context check: counting a long text is what this is for
         return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request, body: DetokenizeRequest):
+    @app.post("/detokenize", response_model=None)
+    async def detokenize(request: Request, body: DetokenizeRequest) -> dict:
         served.check_model(body.model)
         svc.rates.take_request(request.scope["state"].get("key_name") or "anonymous")
         served.check_ids(body.tokens)
@@ -109,37 +128,37 @@ def create_app(served: ServedModel, settings: AppSettings, keys: KeyStore | None
     if jobs is not None:
         _job_routes(app, jobs)
 
-    layered = BodySizeLimit(app, settings.max_body_bytes)
+    layered: ASGIApp = BodySizeLimit(app, settings.max_body_bytes)
     layered = AuthGuard(layered, app.router, keys)
     layered = AccessObserver(layered, app.router, metrics, request_log, quiet=settings.quiet)
     return app, CatchAll(layered)
 
 
-def _job_routes(app: FastAPI, jobs) -> None:
-    @app.post("/v1/jobs", status_code=201)
-    def submit_job(body: JobRequest):  # plain def: validation composes the config (blocking), off the event loop
+def _job_routes(app: FastAPI, jobs: JobManager) -> None:
+    @app.post("/v1/jobs", status_code=201, response_model=None)
+    def submit_job(body: JobRequest) -> dict:  # plain def: validation composes the config (blocking), off the event loop
         return jobs.submit(body.command, list(body.overrides))
 
-    @app.get("/v1/jobs")
-    def list_jobs():
+    @app.get("/v1/jobs", response_model=None)
+    def list_jobs() -> dict:
         return {"object": "list", "data": jobs.list()}
 
-    @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: str):
+    @app.get("/v1/jobs/{job_id}", response_model=None)
+    def get_job(job_id: str) -> dict:
         return _found(jobs.get(job_id), job_id)
 
     @app.get("/v1/jobs/{job_id}/logs")
-    def job_logs(job_id: str):
+    def job_logs(job_id: str) -> PlainTextResponse:
         _found(jobs.get(job_id), job_id)
         return PlainTextResponse(jobs.logs(job_id))
 
-    @app.delete("/v1/jobs/{job_id}")
-    def cancel_job(job_id: str):
+    @app.delete("/v1/jobs/{job_id}", response_model=None)
+    def cancel_job(job_id: str) -> dict:
         _found(jobs.get(job_id), job_id)
         return jobs.cancel(job_id)
 
 
-def _found(job, job_id: str):
+def _found(job: dict | None, job_id: str) -> dict:
     if job is None:
         raise ApiError(404, f"no job {job_id[:40]!r}", "job_not_found")
     return job

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from starlette.routing import Match
+from starlette.routing import Match, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from codex_ml.errors import CodexError
 from codex_ml.serve.errors import error_body
@@ -48,8 +49,10 @@ class KeyStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS api_keys (name TEXT PRIMARY KEY, sha256 BLOB NOT NULL, "
-                       "created REAL NOT NULL, revoked REAL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS api_keys (name TEXT PRIMARY KEY, sha256 BLOB NOT NULL, "
+                "created REAL NOT NULL, revoked REAL)"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10)
@@ -106,20 +109,20 @@ class AuthGuard:
     """ASGI layer: 401 (no detail) unless the route is open or the bearer key is active; puts the key's
     name in ``scope["state"]["key_name"]`` for limits and the request log."""
 
-    def __init__(self, app, router, keys: KeyStore | None) -> None:
+    def __init__(self, app: ASGIApp, router: Router, keys: KeyStore | None) -> None:
         self.app, self.router, self.keys = app, router, keys  # keys None: serve.auth=false (loopback only)
         missing = OPEN_PATHS - {getattr(r, "path", None) for r in router.routes}
         if missing:
             raise ValueError(f"open routes {sorted(missing)} are not in the app's route table")
 
-    def _open(self, scope) -> bool:
+    def _open(self, scope: Scope) -> bool:
         for route in self.router.routes:
             match, _ = route.matches(scope)
             if match == Match.FULL:
                 return getattr(route, "path", None) in OPEN_PATHS
         return False
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
@@ -137,11 +140,19 @@ class AuthGuard:
         await self.app(scope, receive, send)
 
 
-async def _reject(send) -> None:
+async def _reject(send: Send) -> None:
     import json
 
     body = json.dumps(error_body(401, "invalid or missing API key", "invalid_api_key")).encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", b"Bearer")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

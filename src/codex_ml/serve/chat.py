@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from codex_ml.tokenizer.core import CONFIG_FILE
+
+if TYPE_CHECKING:
+    from jinja2 import Template
+
+    from codex_ml.tokenizer.core import CodeTokenizer
 
 ROLES = ("system", "developer", "user", "assistant")
 _PLACEHOLDER = re.compile("\x00(\\d+)\x00")
@@ -25,7 +32,7 @@ class ChatTemplateError(ValueError):
 class ChatFormatter:
     """Renders messages with the template in ``tokenizer_config.json`` of ``tokenizer_dir``."""
 
-    def __init__(self, tokenizer, tokenizer_dir: Path) -> None:
+    def __init__(self, tokenizer: CodeTokenizer, tokenizer_dir: Path) -> None:
         self.tokenizer = tokenizer
         path = Path(tokenizer_dir) / CONFIG_FILE
         config = json.loads(path.read_text()) if path.exists() else {}
@@ -33,16 +40,19 @@ class ChatFormatter:
         if isinstance(template, list):  # HF's named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.template_source = template if isinstance(template, str) else None
-        specials = sorted((t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special),
-                          key=len, reverse=True)
+        specials = sorted(
+            (t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
+        )
         self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     @cached_property
-    def _template(self):
+    def _template(self) -> Template:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
+        assert self.template_source is not None  # prompt_ids checks before it renders
+
+        def raise_exception(message: str) -> NoReturn:
             raise TemplateError(message)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -59,7 +69,7 @@ class ChatFormatter:
                 ids.add(i)
         return frozenset(ids)
 
-    def prompt_ids(self, messages: list[tuple[str, str]]) -> list[int]:
+    def prompt_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         """Token ids of the conversation ``[(role, content), ...]`` followed by the assistant's turn."""
         if self.template_source is None:
             raise ChatTemplateError("this model's tokenizer has no chat template; use /v1/completions")
@@ -67,14 +77,15 @@ class ChatFormatter:
 
         placeholders = [{"role": role, "content": f"\x00{i}\x00"} for i, (role, _) in enumerate(messages)]
         try:
-            rendered = self._template.render(messages=placeholders, add_generation_prompt=True,
-                                             eos_token=self.tokenizer.eos_token, bos_token="")
+            rendered = self._template.render(
+                messages=placeholders, add_generation_prompt=True, eos_token=self.tokenizer.eos_token, bos_token=""
+            )
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template refused these messages: {e}") from None
         ids: list[int] = []
         at = 0
         for m in _PLACEHOLDER.finditer(rendered):
-            ids += self._encode_template_text(rendered[at:m.start()])
+            ids += self._encode_template_text(rendered[at : m.start()])
             ids += self.tokenizer.encode(messages[int(m.group(1))][1])
             at = m.end()
         return ids + self._encode_template_text(rendered[at:])
@@ -84,9 +95,12 @@ class ChatFormatter:
             return []
         if self._specials is None:
             return self.tokenizer.encode(text)
-        ids, at = [], 0
+        ids: list[int] = []
+        at = 0
         for m in self._specials.finditer(text):
-            ids += self.tokenizer.encode(text[at:m.start()]) if m.start() > at else []
-            ids.append(self.tokenizer.token_id(m.group(0)))
+            ids += self.tokenizer.encode(text[at : m.start()]) if m.start() > at else []
+            special = self.tokenizer.token_id(m.group(0))
+            assert special is not None  # matched from this vocabulary's own special tokens
+            ids.append(special)
             at = m.end()
         return ids + (self.tokenizer.encode(text[at:]) if at < len(text) else [])

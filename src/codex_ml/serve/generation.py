@@ -9,6 +9,7 @@ so a slot never outlives its client.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from codex_ml.serve.chat import ChatFormatter
 from codex_ml.serve.errors import ApiError
 from codex_ml.serve.limits import check_context
 from codex_ml.serve.scheduler import QueueFull, Scheduler, Sequence, TokenEvent, random_seed
+from codex_ml.tokenizer.core import CodeTokenizer
 
 
 @dataclass
@@ -37,7 +39,7 @@ class ChoiceSpec:
 class ServedModel:
     """The model behind the API: id, context, tokenizer, chat template and its scheduler."""
 
-    def __init__(self, model_id: str, tokenizer, tokenizer_dir: Path, scheduler: Scheduler) -> None:
+    def __init__(self, model_id: str, tokenizer: CodeTokenizer, tokenizer_dir: Path, scheduler: Scheduler) -> None:
         self.model_id, self.tokenizer, self.scheduler = model_id, tokenizer, scheduler
         self.context = scheduler.context
         self.vocab_size = min(len(tokenizer), scheduler.model.config.vocab_size)
@@ -49,8 +51,9 @@ class ServedModel:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_id:
-            raise ApiError(404, f"the model {name[:100]!r} does not exist; this server serves {self.model_id!r}",
-                           "model_not_found")
+            raise ApiError(
+                404, f"the model {name[:100]!r} does not exist; this server serves {self.model_id!r}", "model_not_found"
+            )
 
     def encode(self, text: str, max_tokens: int) -> list[int]:
         """Token ids of ``text``; 400 before tokenizing when it cannot fit the context even at the most
@@ -58,8 +61,12 @@ class ServedModel:
         n_bytes = len(text.encode("utf-8", "surrogatepass"))
         at_least = -(-n_bytes // self.max_token_bytes)
         if at_least + max_tokens > self.context:
-            raise ApiError(400, f"the prompt has at least {at_least} tokens and max_tokens is {max_tokens}: more than the "
-                                f"model's context of {self.context}", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has at least {at_least} tokens and max_tokens is {max_tokens}: more than the "
+                f"model's context of {self.context}",
+                "context_length_exceeded",
+            )
         return self.tokenizer.encode(text)
 
     def check_ids(self, ids: list[int]) -> None:
@@ -86,8 +93,9 @@ class Choices:
         def sink(event: TokenEvent) -> None:  # on the scheduler thread
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-        settings = SamplingSettings(max_new_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                    seed=s.seed, stop=list(s.stops))
+        settings = SamplingSettings(
+            max_new_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=list(s.stops)
+        )
         return Sequence(s.prompt_ids, settings, sink, s.stop_token_ids, s.logprobs, s.prompt_logprobs, request_id)
 
     def submit(self) -> None:
@@ -97,7 +105,7 @@ class Choices:
         except QueueFull as e:
             raise ApiError(503, f"the server is busy: {e}; retry shortly", "server_busy", {"Retry-After": "1"}) from None
 
-    async def events(self):
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         while not all(self.finished):
             index, event = await self.queue.get()
             if event.finish == "error":

@@ -20,9 +20,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from codex_ml.data.secrets import mask_secrets
 from codex_ml.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from codex_ml.conf.schema import EvaluateConfig, TrainConfig
 
 JOBS_DB = "jobs.db"  # beside the keys database
 LOGS_DIR = "job-logs"
@@ -80,10 +84,12 @@ class JobManager:
         self.python = python
         self._db_path = self.state_dir / JOBS_DB
         with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, command TEXT, overrides TEXT, "
-                       "run_dir TEXT, max_steps INTEGER, state TEXT, created REAL, started REAL, finished REAL, "
-                       "exit_code INTEGER, pid INTEGER, cancel_requested INTEGER DEFAULT 0, attempts INTEGER DEFAULT 0, "
-                       "note TEXT)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, command TEXT, overrides TEXT, "
+                "run_dir TEXT, max_steps INTEGER, state TEXT, created REAL, started REAL, finished REAL, "
+                "exit_code INTEGER, pid INTEGER, cancel_requested INTEGER DEFAULT 0, attempts INTEGER DEFAULT 0, "
+                "note TEXT)"
+            )
         self._wake = threading.Event()
         self._stopping = False
         self._process: subprocess.Popen | None = None
@@ -103,29 +109,32 @@ class JobManager:
             if o.startswith(("-", "+", "~")) or "=" not in o:
                 raise ApiError(400, f"{o[:80]!r}: a job takes key=value overrides only", "invalid_override")
             if key.split(".")[0] in _REFUSED_KEYS or key in _REFUSED_KEYS:
-                raise ApiError(400, f"{key}: not allowed in jobs (it would place files outside the runs root)",
-                               "override_refused")
+                raise ApiError(
+                    400, f"{key}: not allowed in jobs (it would place files outside the runs root)", "override_refused"
+                )
         cfg = _compose(command, overrides)
         if command == "train":
             return self._train_paths(cfg, overrides)
         return self._evaluate_paths(cfg, overrides)
 
-    def _train_paths(self, cfg, overrides: list[str]):
+    def _train_paths(self, cfg: TrainConfig, overrides: list[str]) -> tuple[list[str], Path | None, int | None]:
         for key in ("data.paths",):
             for raw in cfg.data.paths:
                 path = _confined(raw, self.data_root, key, "data_root")
+                assert self.data_root is not None  # _confined refuses every path without one
                 _no_links_out(path, self.data_root, key)
         for key in _MODEL_PATH_KEYS["train"]:
-            section, name = key.split(".")
-            raw = getattr(getattr(cfg, section), name)
+            section, attr = key.split(".")
+            raw = getattr(getattr(cfg, section), attr)
             if raw:
                 roots = [r for r in (self.runs_root, self.data_root) if r is not None]
                 if ".." in Path(raw).parts or not any(_within(Path(raw).expanduser().resolve(), r) for r in roots):
                     raise ApiError(400, f"{key}: {raw} lies outside the runs root and the data_root", "path_refused")
         name, run_dir = cfg.run.name, cfg.run.dir
         if name is not None and (Path(name).name != name or name in (".", "..") or not name):
-            raise ApiError(400, f"run.name: {name!r} must be a plain folder name under the runs root {self.runs_root}",
-                           "path_refused")
+            raise ApiError(
+                400, f"run.name: {name!r} must be a plain folder name under the runs root {self.runs_root}", "path_refused"
+            )
         own_root = any(o.startswith("run.root=") for o in overrides)
         # unless the job names one, its run.root is the server's runs root (not the CLI's default, runs/ here)
         root = _confined(cfg.run.root, self.runs_root, "run.root", "runs root") if own_root else self.runs_root
@@ -143,12 +152,14 @@ class JobManager:
             raise ApiError(400, f"run folder {target} is a symlink outside the runs root {self.runs_root}", "path_refused")
         return [*overrides, *extra], target, cfg.training.max_steps
 
-    def _evaluate_paths(self, cfg, overrides: list[str]):
+    def _evaluate_paths(self, cfg: EvaluateConfig, overrides: list[str]) -> tuple[list[str], Path | None, int | None]:
+        assert cfg.run_dir is not None  # validate_evaluate (in _compose) requires it
         run_dir = _confined(cfg.run_dir, self.runs_root, "run_dir", "runs root")
         if cfg.checkpoint is not None and not (str(cfg.checkpoint).isdigit() or cfg.checkpoint in ("latest", "best")):
             raise ApiError(400, "checkpoint: jobs take a step number, latest or best", "path_refused")
         for raw in cfg.data_paths:
             path = _confined(raw, self.data_root, "data_paths", "data_root")
+            assert self.data_root is not None  # _confined refuses every path without one
             _no_links_out(path, self.data_root, "data_paths")
         return list(overrides), run_dir, None
 
@@ -158,11 +169,15 @@ class JobManager:
         final, run_dir, max_steps = self.validate(command, overrides)
         job_id = "job-" + secrets.token_hex(6)
         with self._connect() as db:
-            db.execute("INSERT INTO jobs (id, command, overrides, run_dir, max_steps, state, created) "
-                       "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                       (job_id, command, json.dumps(final), str(run_dir) if run_dir else None, max_steps, time.time()))
+            db.execute(
+                "INSERT INTO jobs (id, command, overrides, run_dir, max_steps, state, created) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                (job_id, command, json.dumps(final), str(run_dir) if run_dir else None, max_steps, time.time()),
+            )
         self._wake.set()
-        return self.get(job_id)
+        job = self.get(job_id)
+        assert job is not None  # inserted just above
+        return job
 
     def get(self, job_id: str) -> dict | None:
         with self._connect() as db:
@@ -186,20 +201,33 @@ class JobManager:
         with self._connect() as db:
             row = db.execute("SELECT state, pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row["state"] == "queued":
-                db.execute("UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished = ? WHERE id = ?",
-                           (time.time(), job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished = ? WHERE id = ?", (time.time(), job_id)
+                )
             elif row["state"] == "running":
                 db.execute("UPDATE jobs SET state = 'cancelling', cancel_requested = 1 WHERE id = ?", (job_id,))
                 process = self._process
                 if process is not None and process.pid == row["pid"] and process.poll() is None:
                     process.send_signal(signal.SIGTERM)  # training saves a checkpoint, then exits
-        return self.get(job_id)
+        job = self.get(job_id)
+        assert job is not None  # its row was read above
+        return job
 
-    def _describe(self, row) -> dict:
-        out = {"id": row["id"], "object": "job", "command": row["command"], "overrides": json.loads(row["overrides"]),
-               "state": row["state"], "run_dir": row["run_dir"], "created_at": row["created"],
-               "started_at": row["started"], "finished_at": row["finished"], "exit_code": row["exit_code"],
-               "attempts": row["attempts"], "note": row["note"]}
+    def _describe(self, row: sqlite3.Row) -> dict:
+        out = {
+            "id": row["id"],
+            "object": "job",
+            "command": row["command"],
+            "overrides": json.loads(row["overrides"]),
+            "state": row["state"],
+            "run_dir": row["run_dir"],
+            "created_at": row["created"],
+            "started_at": row["started"],
+            "finished_at": row["finished"],
+            "exit_code": row["exit_code"],
+            "attempts": row["attempts"],
+            "note": row["note"],
+        }
         progress, last = _progress(row["run_dir"])
         if progress is not None:
             out["progress"] = {"step": progress, "max_steps": row["max_steps"]}
@@ -211,10 +239,15 @@ class JobManager:
     def start(self) -> None:
         """Requeue what a previous server left running, then start the runner thread."""
         with self._connect() as db:
-            db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE state IN ('running', 'cancelling') "
-                       "AND cancel_requested = 1", (time.time(),))
-            db.execute("UPDATE jobs SET state = 'queued', pid = NULL, note = 'requeued after a server restart; "
-                       "training resumes from its last checkpoint' WHERE state = 'running'")
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = ? WHERE state IN ('running', 'cancelling') "
+                "AND cancel_requested = 1",
+                (time.time(),),
+            )
+            db.execute(
+                "UPDATE jobs SET state = 'queued', pid = NULL, note = 'requeued after a server restart; "
+                "training resumes from its last checkpoint' WHERE state = 'running'"
+            )
         self._thread = threading.Thread(target=self._run, name="codex-ml-jobs", daemon=True)
         self._thread.start()
 
@@ -233,7 +266,7 @@ class JobManager:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _next(self):
+    def _next(self) -> sqlite3.Row | None:
         with self._connect() as db:
             return db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
 
@@ -246,21 +279,25 @@ class JobManager:
                 continue
             self._run_one(row)
 
-    def _run_one(self, row) -> None:
+    def _run_one(self, row: sqlite3.Row) -> None:
         job_id = row["id"]
         args = [self.python, "-m", "codex_ml.cli", row["command"], *json.loads(row["overrides"])]
         log = (self.logs_dir / f"{job_id}.log").open("ab")
         try:
-            process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       close_fds=True, preexec_fn=_die_with_parent)
+            process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, close_fds=True, preexec_fn=_die_with_parent
+            )
         except OSError as e:
             log.close()
             self._finish(job_id, "failed", None, f"could not start the worker: {e}")
             return
         self._process = process
         with self._connect() as db:
-            db.execute("UPDATE jobs SET state = 'running', pid = ?, started = COALESCE(started, ?), "
-                       "attempts = attempts + 1 WHERE id = ?", (process.pid, time.time(), job_id))
+            db.execute(
+                "UPDATE jobs SET state = 'running', pid = ?, started = COALESCE(started, ?), "
+                "attempts = attempts + 1 WHERE id = ?",
+                (process.pid, time.time(), job_id),
+            )
             cancelled = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
         if cancelled:
             process.send_signal(signal.SIGTERM)
@@ -273,15 +310,20 @@ class JobManager:
             self._finish(job_id, "cancelled", code, None)
         elif self._stopping and code != 0:
             with self._connect() as db:  # the server is stopping: the job resumes at the next start
-                db.execute("UPDATE jobs SET state = 'queued', pid = NULL, exit_code = ?, note = 'interrupted by a "
-                           "server shutdown; resumes at the next start' WHERE id = ?", (code, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', pid = NULL, exit_code = ?, note = 'interrupted by a "
+                    "server shutdown; resumes at the next start' WHERE id = ?",
+                    (code, job_id),
+                )
         else:
             self._finish(job_id, "succeeded" if code == 0 else "failed", code, None)
 
     def _finish(self, job_id: str, state: str, code: int | None, note: str | None) -> None:
         with self._connect() as db:
-            db.execute("UPDATE jobs SET state = ?, exit_code = ?, finished = ?, pid = NULL, note = COALESCE(?, note) "
-                       "WHERE id = ?", (state, code, time.time(), note, job_id))
+            db.execute(
+                "UPDATE jobs SET state = ?, exit_code = ?, finished = ?, pid = NULL, note = COALESCE(?, note) WHERE id = ?",
+                (state, code, time.time(), note, job_id),
+            )
 
 
 def _die_with_parent() -> None:
@@ -292,7 +334,7 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def _compose(command: str, overrides: list[str]):
+def _compose(command: str, overrides: list[str]) -> Any:  # the command's typed config: TrainConfig or EvaluateConfig
     """The typed config the CLI would run, checked by the CLI's validator; 400 naming the key otherwise."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra

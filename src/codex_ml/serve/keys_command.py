@@ -11,10 +11,12 @@ from codex_ml.serve.auth import KeyStore
 def keys_command(cfg: KeysConfig) -> None:
     store = KeyStore(cfg.serve.keys_db)
     if cfg.action == "create":
+        assert cfg.name is not None  # validate_keys requires it for create and revoke
         key = store.create(cfg.name)
         print(f"created key {cfg.name!r} in {store.path}; it is shown once, here, and stored only as a SHA-256 hash:")
         print(key)  # alone on the last line, for scripts
     elif cfg.action == "revoke":
+        assert cfg.name is not None
         store.revoke(cfg.name)
         print(f"revoked key {cfg.name!r}")
     else:

@@ -12,8 +12,11 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codex_ml.serve.errors import ApiError, error_body
 
@@ -22,10 +25,10 @@ class BodySizeLimit:
     """ASGI layer: buffers the body up to ``max_bytes`` and answers 413 past it; the app then reads the
     buffered body, and later ``receive`` calls (a client's disconnect) go to the server as usual."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for k, v in scope.get("headers", []):
@@ -50,7 +53,7 @@ class BodySizeLimit:
                 break
         body, replayed = b"".join(chunks), False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -60,11 +63,19 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
-async def _too_large(send, message: str, status: int = 413) -> None:
+async def _too_large(send: Send, message: str, status: int = 413) -> None:
     body = json.dumps(error_body(status, message, "request_too_large" if status == 413 else "invalid_request")).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -78,8 +89,7 @@ class Caps:
     max_logprobs: int
 
 
-def check_caps(caps: Caps, max_tokens: int | None, n: int, n_prompts: int, stops: list[str],
-               logprobs: int | None) -> None:
+def check_caps(caps: Caps, max_tokens: int | None, n: int, n_prompts: int, stops: list[str], logprobs: int | None) -> None:
     """400 naming the setting and its cap."""
     if max_tokens is not None and max_tokens > caps.max_tokens:
         raise ApiError(400, f"max_tokens={max_tokens} exceeds this server's cap of {caps.max_tokens}", "max_tokens_exceeded")
@@ -101,8 +111,12 @@ def check_caps(caps: Caps, max_tokens: int | None, n: int, n_prompts: int, stops
 def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
     """400 naming both numbers when the prompt and the completion cannot fit the model's context."""
     if prompt_tokens + max_tokens > context:
-        raise ApiError(400, f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: {prompt_tokens + max_tokens} "
-                            f"tokens exceed the model's context of {context}", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: {prompt_tokens + max_tokens} "
+            f"tokens exceed the model's context of {context}",
+            "context_length_exceeded",
+        )
 
 
 class _Bucket:
@@ -143,8 +157,11 @@ class RateLimiter:
 
     def take_tokens(self, key: str, tokens: int) -> None:
         if tokens > self.tpm:
-            raise ApiError(400, f"this request needs {tokens} tokens (prompt + max_tokens x n), more than "
-                                f"serve.tokens_per_minute={self.tpm}", "tokens_exceeded")
+            raise ApiError(
+                400,
+                f"this request needs {tokens} tokens (prompt + max_tokens x n), more than serve.tokens_per_minute={self.tpm}",
+                "tokens_exceeded",
+            )
         with self._lock:
             wait = self._tokens.setdefault(key, _Bucket(self.tpm)).take(tokens)
         if wait:
@@ -166,8 +183,12 @@ class ConcurrencyLimiter:
     def acquire(self, key: str) -> None:
         with self._lock:
             if self._active.get(key, 0) >= self.limit:
-                raise ApiError(429, f"serve.max_concurrent_per_key={self.limit} requests are in flight for this key",
-                               "concurrency_limit", {"Retry-After": "1"})
+                raise ApiError(
+                    429,
+                    f"serve.max_concurrent_per_key={self.limit} requests are in flight for this key",
+                    "concurrency_limit",
+                    {"Retry-After": "1"},
+                )
             self._active[key] = self._active.get(key, 0) + 1
 
     def release(self, key: str) -> None:
@@ -177,7 +198,7 @@ class ConcurrencyLimiter:
                 del self._active[key]
 
     @contextmanager
-    def hold(self, key: str):
+    def hold(self, key: str) -> Iterator[None]:
         self.acquire(key)
         try:
             yield

@@ -12,7 +12,9 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,6 +27,10 @@ from codex_ml.serve.limits import Caps, ConcurrencyLimiter, RateLimiter, check_c
 from codex_ml.serve.schemas import ChatRequest, CompletionRequest
 from codex_ml.serve.text_stream import ChoiceText
 
+if TYPE_CHECKING:
+    from codex_ml.serve.metrics import ServerMetrics
+    from codex_ml.serve.scheduler import TokenEvent
+
 
 @dataclass
 class Services:
@@ -34,7 +40,7 @@ class Services:
     caps: Caps
     rates: RateLimiter
     concurrency: ConcurrencyLimiter
-    metrics: object  # ServerMetrics
+    metrics: ServerMetrics
     redact: bool
     log_texts: bool = False  # keep (masked) texts for the request log
 
@@ -59,7 +65,7 @@ def _key(request: Request) -> str:
     return request.scope.get("state", {}).get("key_name") or "anonymous"
 
 
-async def complete(request: Request, body: CompletionRequest, svc: Services):
+async def complete(request: Request, body: CompletionRequest, svc: Services) -> Response:
     served = svc.served
     served.check_model(body.model)
     if body.prompt == []:
@@ -82,12 +88,24 @@ async def complete(request: Request, body: CompletionRequest, svc: Services):
                 echoes.append(p)
             else:
                 served.check_ids(p)
-                ids, _ = list(p), echoes.append(served.tokenizer.decode(p))
+                ids = list(p)
+                echoes.append(served.tokenizer.decode(p))
             encoded.append(served.fit(ids, max_tokens))
-        specs = [ChoiceSpec(ids, max_tokens, body.temperature, body.top_p, choice_seed(body.seed, i * body.n + j),
-                            body.stops, frozenset({served.tokenizer.eos_id}), body.logprobs,
-                            prompt_logprobs=body.echo and body.logprobs is not None)
-                 for i, ids in enumerate(encoded) for j in range(body.n)]
+        specs = [
+            ChoiceSpec(
+                ids,
+                max_tokens,
+                body.temperature,
+                body.top_p,
+                choice_seed(body.seed, i * body.n + j),
+                body.stops,
+                frozenset({served.tokenizer.eos_id}),
+                body.logprobs,
+                prompt_logprobs=body.echo and body.logprobs is not None,
+            )
+            for i, ids in enumerate(encoded)
+            for j in range(body.n)
+        ]
         prefixes = [echoes[i] if body.echo else "" for i in range(len(encoded)) for _ in range(body.n)]
         return await _answer(request, svc, specs, prefixes, encoded, body, chat=False, key=key)
     except BaseException:
@@ -95,7 +113,7 @@ async def complete(request: Request, body: CompletionRequest, svc: Services):
         raise
 
 
-async def chat(request: Request, body: ChatRequest, svc: Services):
+async def chat(request: Request, body: ChatRequest, svc: Services) -> Response:
     served = svc.served
     served.check_model(body.model)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -115,8 +133,19 @@ async def chat(request: Request, body: ChatRequest, svc: Services):
         max_tokens = limit if limit is not None else min(svc.caps.max_tokens, max(served.context - len(ids), 0))
         ids = served.fit(ids, max_tokens)
         logprobs = (top or 0) if body.logprobs else None
-        specs = [ChoiceSpec(ids, max_tokens, body.temperature, body.top_p, choice_seed(body.seed, j), body.stops,
-                            served.chat.stop_token_ids, logprobs) for j in range(body.n)]
+        specs = [
+            ChoiceSpec(
+                ids,
+                max_tokens,
+                body.temperature,
+                body.top_p,
+                choice_seed(body.seed, j),
+                body.stops,
+                served.chat.stop_token_ids,
+                logprobs,
+            )
+            for j in range(body.n)
+        ]
         return await _answer(request, svc, specs, [""] * body.n, [ids], body, chat=True, key=key)
     except BaseException:
         svc.concurrency.release(key)
@@ -125,14 +154,24 @@ async def chat(request: Request, body: ChatRequest, svc: Services):
 
 def _infill(served: ServedModel, prefix: list[int], suffix: list[int]) -> list[int]:
     ids = served.tokenizer.fim_ids
-    if None in (ids["prefix"], ids["middle"], ids["suffix"]):
-        raise ApiError(400, "suffix asks for infilling, but this model's tokenizer has no fill-in-the-middle tokens",
-                       "fim_unsupported")
-    return fim_prompt(prefix, suffix, (ids["prefix"], ids["middle"], ids["suffix"]))
+    fim_prefix, fim_middle, fim_suffix = ids["prefix"], ids["middle"], ids["suffix"]
+    if fim_prefix is None or fim_middle is None or fim_suffix is None:
+        raise ApiError(
+            400, "suffix asks for infilling, but this model's tokenizer has no fill-in-the-middle tokens", "fim_unsupported"
+        )
+    return fim_prompt(prefix, suffix, (fim_prefix, fim_middle, fim_suffix))
 
 
-async def _answer(request: Request, svc: Services, specs: list[ChoiceSpec], prefixes: list[str],
-                  prompts: list[list[int]], body, chat: bool, key: str):
+async def _answer(
+    request: Request,
+    svc: Services,
+    specs: list[ChoiceSpec],
+    prefixes: list[str],
+    prompts: list[list[int]],
+    body: CompletionRequest | ChatRequest,
+    chat: bool,
+    key: str,
+) -> Response:
     """Submit, then answer as JSON or as server-sent events; the key's concurrency slot is released when
     the answer ends, however it ends."""
     served = svc.served
@@ -145,25 +184,35 @@ async def _answer(request: Request, svc: Services, specs: list[ChoiceSpec], pref
             st.finish = "length"
     choices.submit()
     svc.metrics.prompt_tokens.inc(prompt_tokens)
-    meta = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
-            "model": served.model_id}
+    meta = {
+        "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+        "created": int(time.time()),
+        "model": served.model_id,
+    }
 
     def finish(completion_tokens: int) -> dict:
         svc.metrics.completion_tokens.inc(completion_tokens)
         for st in states:
             for kind, n in st.text.masked.items():
                 svc.metrics.secrets_masked.labels(kind=kind).inc(n)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         request.scope.setdefault("state", {})["usage"] = {
-            **usage, **({"prompt": served.tokenizer.decode(prompts[0]), "completion": states[0].completion}
-                        if svc.log_texts else {})}
+            **usage,
+            **({"prompt": served.tokenizer.decode(prompts[0]), "completion": states[0].completion} if svc.log_texts else {}),
+        }
         return usage
 
     if getattr(body, "stream", False):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(svc, choices, states, meta, chat, include_usage, finish, key),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _stream(svc, choices, states, meta, chat, include_usage, finish, key),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     try:
         if not await _collect(request, choices, states):
             return Response(status_code=499)  # the client is gone; nobody reads this
@@ -172,11 +221,10 @@ async def _answer(request: Request, svc: Services, specs: list[ChoiceSpec], pref
         svc.concurrency.release(key)
     out = [_final_choice(served, i, st, chat, body) for i, st in enumerate(states)]  # masks: before finish counts
     usage = finish(sum(st.n_generated for st in states))
-    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
-                         "usage": usage})
+    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage})
 
 
-def _observe(st: _Choice, event) -> None:
+def _observe(st: _Choice, event: TokenEvent) -> None:
     """Fold one token event into the choice's state."""
     if event.token_id >= 0:
         st.n_generated = event.n_generated
@@ -194,11 +242,12 @@ def _observe(st: _Choice, event) -> None:
 
 async def _collect(request: Request, choices: Choices, states: list[_Choice]) -> bool:
     """Every event, while watching for the client to go away; False if it went (the caller cancels)."""
-    async def consume():
+
+    async def consume() -> None:
         async for index, event in choices.events():
             _observe(states[index], event)
 
-    async def disconnected():
+    async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
@@ -214,7 +263,7 @@ async def _collect(request: Request, choices: Choices, states: list[_Choice]) ->
             t.cancel()
 
 
-def _final_choice(served: ServedModel, index: int, st: _Choice, chat: bool, body) -> dict:
+def _final_choice(served: ServedModel, index: int, st: _Choice, chat: bool, body: Any) -> dict:
     text = st.text.sent + st.text.update(st.completion, final=True)
     finish = st.finish or "length"
     if chat:
@@ -231,8 +280,10 @@ def _token_text(served: ServedModel, token: int) -> str:
 
 
 def _completion_logprobs(served: ServedModel, st: _Choice, echo: bool, start: int, count: int) -> dict:
-    tokens, lps, tops = st.tokens[start:start + count], st.logprobs[start:start + count], st.tops[start:start + count]
-    out_tokens, out_lps, out_tops = [], [], []
+    tokens, lps, tops = st.tokens[start : start + count], st.logprobs[start : start + count], st.tops[start : start + count]
+    out_tokens: list[str] = []
+    out_lps: list[float | None] = []
+    out_tops: list[dict[str, float] | None] = []
     if echo and start == 0 and st.prompt_logprobs is not None:
         for t, lp in zip(st.prompt_ids, st.prompt_logprobs):
             out_tokens.append(_token_text(served, t))
@@ -241,26 +292,36 @@ def _completion_logprobs(served: ServedModel, st: _Choice, echo: bool, start: in
     out_tokens += [_token_text(served, t) for t in tokens]
     out_lps += lps
     out_tops += [{_token_text(served, i): v for i, v in top} for top in tops]
-    offsets, at = [], 0
-    for t in out_tokens:
+    offsets: list[int] = []
+    at = 0
+    for piece in out_tokens:
         offsets.append(at)
-        at += len(t)
+        at += len(piece)
     return {"tokens": out_tokens, "token_logprobs": out_lps, "top_logprobs": out_tops, "text_offset": offsets}
 
 
-def _chat_logprobs(served: ServedModel, tokens, lps, tops) -> list[dict]:
-    def entry(t, lp):
+def _chat_logprobs(served: ServedModel, tokens: list[int], lps: list[float], tops: list[list[tuple[int, float]]]) -> list[dict]:
+    def entry(t: int, lp: float) -> dict:
         s = _token_text(served, t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
     return [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in zip(tokens, lps, tops)]
 
 
-async def _stream(svc: Services, choices: Choices, states: list[_Choice], meta: dict, chat: bool,
-                  include_usage: bool, finish, key: str):
+async def _stream(
+    svc: Services,
+    choices: Choices,
+    states: list[_Choice],
+    meta: dict,
+    chat: bool,
+    include_usage: bool,
+    finish: Callable[[int], dict],
+    key: str,
+) -> AsyncIterator[str]:
     served = svc.served
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def sse(choice_list, usage=None) -> str:
+    def sse(choice_list: list[dict], usage: dict | None = None) -> str:
         payload = {**meta, "object": obj, "choices": choice_list}
         if include_usage:
             payload["usage"] = usage
@@ -271,16 +332,23 @@ async def _stream(svc: Services, choices: Choices, states: list[_Choice], meta: 
         start = len(st.tokens) - count
         if chat:
             delta = {"content": text} if text or not done else {}
-            lp = {"content": _chat_logprobs(served, st.tokens[start:], st.logprobs[start:], st.tops[start:])} \
-                if st.logprobs and count else None
+            lp = (
+                {"content": _chat_logprobs(served, st.tokens[start:], st.logprobs[start:], st.tops[start:])}
+                if st.logprobs and count
+                else None
+            )
             return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": st.finish if done else None}
         lp = _completion_logprobs(served, st, echo=False, start=start, count=count) if count else None
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": (st.finish or "length") if done else None}
 
     try:
         if chat:
-            yield sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                       for i in range(len(states))])
+            yield sse(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(len(states))
+                ]
+            )
         for i, st in enumerate(states):
             if st.finish:  # max_tokens=0: nothing to generate
                 yield sse([chunk(i, st, st.text.update(st.completion, final=True), True)])

@@ -21,18 +21,30 @@ class RequestLog:
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
         self._lock = threading.Lock()
         with self._lock, self._db:
-            self._db.execute("CREATE TABLE IF NOT EXISTS requests (time REAL, key_name TEXT, route TEXT, status INTEGER, "
-                             "prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL, prompt TEXT, "
-                             "completion TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS requests (time REAL, key_name TEXT, route TEXT, status INTEGER, "
+                "prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL, prompt TEXT, "
+                "completion TEXT)"
+            )
 
-    def write(self, key_name: str | None, route: str, status: int, latency_s: float, prompt_tokens: int | None = None,
-              completion_tokens: int | None = None, prompt: str | None = None, completion: str | None = None) -> None:
+    def write(
+        self,
+        key_name: str | None,
+        route: str,
+        status: int,
+        latency_s: float,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        prompt: str | None = None,
+        completion: str | None = None,
+    ) -> None:
         prompt = mask_secrets(prompt)[0] if prompt else prompt
         completion = mask_secrets(completion)[0] if completion else completion
         with self._lock, self._db:
-            self._db.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             (time.time(), key_name, route, status, prompt_tokens, completion_tokens, latency_s,
-                              prompt, completion))
+            self._db.execute(
+                "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), key_name, route, status, prompt_tokens, completion_tokens, latency_s, prompt, completion),
+            )
 
     def rows(self) -> list[dict]:
         with self._lock:

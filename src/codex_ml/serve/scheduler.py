@@ -21,10 +21,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from codex_ml.eval.generate import SamplingSettings, next_tokens
+
+if TYPE_CHECKING:
+    from codex_ml.tokenizer.core import CodeTokenizer
 from codex_ml.models.gpt import GPT, SlotKVCache
 
 ROW_MULTIPLE = 4  # see the module docstring: decoding batches are padded to a multiple of this
@@ -79,9 +83,15 @@ class _Running:
 class Scheduler:
     """Owns the model: ``submit`` sequences from any thread; their events arrive through their sinks."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int, max_queue: int,
-                 on_first_token: Callable[[float], None] | None = None,
-                 on_finished: Callable[[float, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: CodeTokenizer,
+        max_batch: int,
+        max_queue: int,
+        on_first_token: Callable[[float], None] | None = None,
+        on_finished: Callable[[float, int], None] | None = None,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.config.max_seq_len
@@ -108,8 +118,10 @@ class Scheduler:
         """Queue sequences (all or none); ``QueueFull`` past ``max_queue`` waiting."""
         for seq in seqs:  # the HTTP layer answers 400 before this; a caller that did not check fails here
             if not seq.prompt_ids or len(seq.prompt_ids) + seq.settings.max_new_tokens > self.context:
-                raise ValueError(f"{len(seq.prompt_ids)} prompt tokens + {seq.settings.max_new_tokens} new ones do not "
-                                 f"fit the context of {self.context}")
+                raise ValueError(
+                    f"{len(seq.prompt_ids)} prompt tokens + {seq.settings.max_new_tokens} new ones do not "
+                    f"fit the context of {self.context}"
+                )
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -174,7 +186,8 @@ class Scheduler:
 
     def _admit(self) -> list[tuple[Sequence, int]]:
         """Waiting sequences moved into free slots, within the prefill budget (called under the lock)."""
-        out, budget = [], PREFILL_TOKEN_BUDGET
+        out: list[tuple[Sequence, int]] = []
+        budget = PREFILL_TOKEN_BUDGET
         free = [i for i, s in enumerate(self.slots) if s is None]
         while self.waiting and free:
             seq = self.waiting[0]
@@ -223,19 +236,24 @@ class Scheduler:
         tokens = [self.tokenizer.pad_id] * hi
         positions = [0] * hi  # idle rows write position 0 of their free slot, which prefill overwrites
         for i in active:
-            tokens[i], positions[i] = self.slots[i].last_token, self.slots[i].position
+            run = self.slots[i]
+            assert run is not None  # active
+            tokens[i], positions[i] = run.last_token, run.position
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]
         mask = (self.cols[None, :] <= pos)[:, None, None, :]  # (hi, 1, 1, context): this token and before
         self.cache.bind(slice(0, hi), pos)
         logits = self.model(tok, position_ids=pos, attn_mask=mask, kv_cache=self.cache)[:, -1]
         for i in active:
-            self.slots[i].position += 1
-            self._advance(i, logits[i:i + 1], None)
+            run = self.slots[i]
+            assert run is not None
+            run.position += 1
+            self._advance(i, logits[i : i + 1], None)
 
-    def _advance(self, slot: int, logits: torch.Tensor, prompt_lp) -> None:
+    def _advance(self, slot: int, logits: torch.Tensor, prompt_lp: list[float | None] | None) -> None:
         """Sample the slot's next token from ``logits`` (1, vocab), tell its sink, free the slot when done."""
         run = self.slots[slot]
+        assert run is not None  # only a running slot advances
         seq, s = run.seq, run.seq.settings
         token = int(next_tokens(logits, s, run.generator)[0])
         logprob = top = None
@@ -268,8 +286,11 @@ class Scheduler:
             self.slots[slot] = None
             if self.on_finished and run.n_generated > 1:
                 self.on_finished((now - run.first_token_at) / (run.n_generated - 1), run.n_generated)
-        seq.sink(TokenEvent(token, logprob, top, run.text, run.n_generated, finish, prompt_lp,
-                            is_stop_token=token in seq.stop_token_ids))
+        seq.sink(
+            TokenEvent(
+                token, logprob, top, run.text, run.n_generated, finish, prompt_lp, is_stop_token=token in seq.stop_token_ids
+            )
+        )
 
 
 def _first_stop(text: str, stops: list[str], seen: int) -> int:

@@ -41,7 +41,7 @@ class _Sampling(_Body):
     user: Optional[StrictStr] = None
 
     @model_validator(mode="after")
-    def _supported(self):
+    def _supported(self) -> _Sampling:
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
         if self.logit_bias:
@@ -63,7 +63,7 @@ class CompletionRequest(_Sampling):
     best_of: Optional[Annotated[StrictInt, Field(ge=1)]] = None
 
     @model_validator(mode="after")
-    def _best_of(self):
+    def _best_of(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         return self
@@ -91,7 +91,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = None
 
     @model_validator(mode="after")
-    def _top_logprobs(self):
+    def _top_logprobs(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -28,9 +30,15 @@ from codex_ml.serve.scheduler import Scheduler
 from codex_ml.tokenizer.core import CodeTokenizer
 from codex_ml.training.device import resolve_device
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from starlette.types import ASGIApp
+    from transformers import PreTrainedModel
+
 
 def load_served_model(cfg: ServeCommandConfig, device: torch.device) -> tuple[GPT, CodeTokenizer, Path, str]:
     """(native model in eval mode, tokenizer, tokenizer folder, model id)."""
+    model: torch.nn.Module
     if cfg.serve.model_path:
         from codex_ml.models.hf import load_hf_causal_lm
 
@@ -40,13 +48,14 @@ def load_served_model(cfg: ServeCommandConfig, device: torch.device) -> tuple[GP
         from codex_ml.recipes.checkpoints import load_run_model
         from codex_ml.runs import TOKENIZER_DIR
 
+        assert cfg.run_dir is not None  # validate_serve: run_dir or serve.model_path
         run_dir = Path(cfg.run_dir).expanduser().resolve()
         model, _, _ = load_run_model(run_dir, cfg.checkpoint, torch.device("cpu"))
         tok_dir, default_id = run_dir / TOKENIZER_DIR, run_dir.name
     if not isinstance(model, GPT):
         from codex_ml.models.convert import hf_to_native
 
-        model = hf_to_native(model)  # ConversionError (a CodexError) names what the native decoder lacks
+        model = hf_to_native(cast("PreTrainedModel", model))  # ConversionError (a CodexError) names what the native decoder lacks
     model = model.to(device).eval()
     if device.type == "cpu":
         model.fuse_for_inference()  # as codex-ml generate decodes on CPU: one matmul for q/k/v, one for gate/up
@@ -59,13 +68,17 @@ def check_exposure(s: ServeConfig, keys: KeyStore | None) -> None:
         return
     if keys.active_count() == 0:
         if not is_loopback(s.host):
-            raise CodexError(f"serve.host={s.host} is not a loopback address and {keys.path} holds no active key: "
-                             "create one first (codex-ml keys create name=NAME)")
-        print(f"note: {keys.path} holds no active key; every request but /health will get 401 "
-              "(codex-ml keys create name=NAME)", flush=True)
+            raise CodexError(
+                f"serve.host={s.host} is not a loopback address and {keys.path} holds no active key: "
+                "create one first (codex-ml keys create name=NAME)"
+            )
+        print(
+            f"note: {keys.path} holds no active key; every request but /health will get 401 (codex-ml keys create name=NAME)",
+            flush=True,
+        )
 
 
-def build(cfg: ServeCommandConfig, quiet: bool = False):
+def build(cfg: ServeCommandConfig, quiet: bool = False) -> tuple[ASGIApp, FastAPI, str]:
     """(ASGI app, FastAPI app, model id) for ``cfg``: everything but the listening socket."""
     s = cfg.serve
     device = resolve_device(cfg.device)
@@ -78,9 +91,15 @@ def build(cfg: ServeCommandConfig, quiet: bool = False):
     jobs = JobManager(state_dir, runs_root=s.runs_root, data_root=s.data_root)
     scheduler = Scheduler(model, tokenizer, s.max_batch, s.max_queue)
     served = ServedModel(model_id, tokenizer, tok_dir, scheduler)
-    settings = AppSettings(Caps(s.max_tokens, s.max_n, s.max_prompts, s.max_stop, s.max_stop_chars, s.max_logprobs),
-                           s.max_body_bytes, s.requests_per_minute, s.tokens_per_minute, s.max_concurrent_per_key,
-                           s.redact_output, quiet=quiet)
+    settings = AppSettings(
+        Caps(s.max_tokens, s.max_n, s.max_prompts, s.max_stop, s.max_stop_chars, s.max_logprobs),
+        s.max_body_bytes,
+        s.requests_per_minute,
+        s.tokens_per_minute,
+        s.max_concurrent_per_key,
+        s.redact_output,
+        quiet=quiet,
+    )
     request_log = RequestLog(state_dir / REQUEST_LOG_FILE) if s.log_requests else None
     app, asgi = create_app(served, settings, keys, jobs, request_log)
     metrics = app.state.metrics
@@ -91,11 +110,15 @@ def build(cfg: ServeCommandConfig, quiet: bool = False):
 
 
 _LOG_CONFIG = {
-    "version": 1, "disable_existing_loggers": False,
+    "version": 1,
+    "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(levelname)s: %(message)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
-    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
-                "uvicorn.error": {"level": "WARNING"}, "uvicorn.access": {"handlers": [], "propagate": False}},
+    "loggers": {
+        "uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+        "uvicorn.error": {"level": "WARNING"},
+        "uvicorn.access": {"handlers": [], "propagate": False},
+    },
 }
 
 
@@ -104,7 +127,7 @@ def serve_command(cfg: ServeCommandConfig) -> None:
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
-        def capture_signals(self):
+        def capture_signals(self) -> Iterator[None]:
             # uvicorn re-raises the signal after a graceful shutdown (exit status 143); a drained server exits 0
             previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
@@ -115,8 +138,17 @@ def serve_command(cfg: ServeCommandConfig) -> None:
 
     asgi, _, model_id = build(cfg)
     s = cfg.serve
-    config = uvicorn.Config(asgi, host=s.host, port=s.port, log_config=_LOG_CONFIG, access_log=False,
-                            timeout_graceful_shutdown=s.drain_timeout_s, lifespan="on", server_header=False)
+    config = uvicorn.Config(
+        asgi,
+        host=s.host,
+        port=s.port,
+        log_config=_LOG_CONFIG,
+        access_log=False,
+        # uvicorn types it int, but it is a timeout in seconds: fractions work
+        timeout_graceful_shutdown=s.drain_timeout_s,  # type: ignore[arg-type]
+        lifespan="on",
+        server_header=False,
+    )
     host = f"[{s.host}]" if ":" in s.host else s.host
     print(f"serving model {model_id} at http://{host}:{s.port}/v1 (OpenAI-compatible; health at /health)", flush=True)
     Server(config).run()

@@ -38,21 +38,21 @@ class ChoiceText:
         raw = self.prefix + completion
         end = len(raw) if final else self._safe_end(raw)
         self._commit_lines(raw, end)
-        tail = raw[self._done_raw:end]
+        tail = raw[self._done_raw : end]
         if self.redact and tail:
             masked, findings = mask_secrets(tail)
             if final:
                 self.masked.update(f.kind for f in findings)
             tail = masked
         out = self._done_out + tail
-        delta = out[len(self.sent):] if out.startswith(self.sent) else ""
+        delta = out[len(self.sent) :] if out.startswith(self.sent) else ""
         self.sent += delta
         return delta
 
     def _commit_lines(self, raw: str, end: int) -> None:
         at = self._done_raw
         while (nl := raw.find("\n", at, end)) >= 0:
-            line = raw[self._done_raw:nl + 1]
+            line = raw[self._done_raw : nl + 1]
             at = nl + 1
             begin = line.rfind("-----BEGIN")
             if begin >= 0 and "-----END" not in line[begin:]:
@@ -69,7 +69,7 @@ class ChoiceText:
             end -= 1
         for st in self.stops:  # the longest tail that begins a stop string
             for k in range(min(len(st) - 1, end), 0, -1):
-                if raw[end - k:end] == st[:k]:
+                if raw[end - k : end] == st[:k]:
                     end -= k
                     break
         if self.redact:

@@ -62,8 +62,10 @@ class CodeTokenizer:
         added = self.backend.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
         names = {t.content: i for i, t in added.items()}
-        self.fim_ids = {role: next((i for n, i in names.items() if f"fim_{role}" in n.lower()), None)
-                        for role in ("prefix", "middle", "suffix", "pad")}
+        self.fim_ids = {
+            role: next((i for n, i in names.items() if f"fim_{role}" in n.lower()), None)
+            for role in ("prefix", "middle", "suffix", "pad")
+        }
 
     def _id_of(self, token: str) -> int:
         i = self.backend.token_to_id(token)
@@ -109,8 +111,14 @@ class CodeTokenizer:
         finally:
             self.backend.encode_special_tokens = True
         added = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip, "normalized": t.normalized,
-                     "single_word": t.single_word, "special": t.special}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "rstrip": t.rstrip,
+                "normalized": t.normalized,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())
         }
         config = {
@@ -130,8 +138,11 @@ class CodeTokenizer:
         if chat_template:
             config["chat_template"] = chat_template
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        special_map = {"eos_token": self.eos_token, "pad_token": self.pad_token,
-                       "additional_special_tokens": list(extra_special_tokens)}
+        special_map = {
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "additional_special_tokens": list(extra_special_tokens),
+        }
         (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod

@@ -16,8 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from codex_ml.tokenizer.core import CodeTokenizer, SpecialTokens
 
 
-def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, specials: SpecialTokens,
-                    min_frequency: int = 2) -> CodeTokenizer:
+def train_tokenizer(
+    kind: str, texts: Iterable[str], vocab_size: int, specials: SpecialTokens, min_frequency: int = 2
+) -> CodeTokenizer:
     """A tokenizer of ``vocab_size`` tokens in all, special tokens included."""
     if kind == "bpe":
         backend = train_bpe(texts, vocab_size, specials.all(), min_frequency)
@@ -69,7 +70,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, special_tokens: l
         user_defined_symbols=["\n", "\t", "\r"],
         max_sentence_length=max(longest, 4192),
         character_coverage=0.9995,
-        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )

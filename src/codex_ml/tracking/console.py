@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -22,12 +23,13 @@ def _rate(tokens_per_s: float) -> str:
 class ConsoleReporter:
     """Prints training and evaluation events; the bar only on a terminal, the lines always."""
 
-    def __init__(self, start_step: int, max_steps: int, log_every: int = 1, stream=sys.stdout) -> None:
+    def __init__(self, start_step: int, max_steps: int, log_every: int = 1, stream: TextIO = sys.stdout) -> None:
         self.max_steps, self.log_every, self.stream = max_steps, log_every, stream
         self.losses: list[float] = []  # train losses since the last printed line
         self.start_step, self.start_time = start_step, time.time()
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="training", unit="step", disable=None,
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=max_steps, initial=start_step, desc="training", unit="step", disable=None, file=sys.stderr, dynamic_ncols=True
+        )
         self.last_step = start_step
 
     def _print(self, line: str) -> None:
@@ -48,8 +50,10 @@ class ConsoleReporter:
             loss, self.losses = sum(self.losses) / len(self.losses), []  # the interval's mean
             done = step - self.start_step
             eta = (time.time() - self.start_time) / done * (self.max_steps - step) if done else 0.0
-            line = (f"step {step}/{self.max_steps} | train_loss {loss:.4f} | lr {event['lr']:.2e} | "
-                    f"grad_norm {event['grad_norm']:.3f} | {_rate(event['tokens_per_s'])} tok/s")
+            line = (
+                f"step {step}/{self.max_steps} | train_loss {loss:.4f} | lr {event['lr']:.2e} | "
+                f"grad_norm {event['grad_norm']:.3f} | {_rate(event['tokens_per_s'])} tok/s"
+            )
             if "mfu" in event:
                 line += f" | mfu {event['mfu']:.1%}"
             self._print(line + f" | eta {_duration(eta)}")
@@ -60,8 +64,10 @@ class ConsoleReporter:
         elif kind == "checkpoint":
             self._print(f"checkpoint {event['path']}")
         elif kind == "early_stop":
-            self._print(f"early stopping at step {event['step']}: no improvement in "
-                        f"{event['evals_without_improvement']} evaluations (best {event['best']:.4f})")
+            self._print(
+                f"early stopping at step {event['step']}: no improvement in "
+                f"{event['evals_without_improvement']} evaluations (best {event['best']:.4f})"
+            )
 
     def close(self) -> None:
         self.bar.close()

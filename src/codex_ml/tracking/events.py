@@ -14,8 +14,9 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TextIO
 
 
 class Sink(Protocol):
@@ -63,7 +64,7 @@ def _truncate_to_last_newline(path: Path, size: int) -> None:
         f.truncate(head.rfind(b"\n") + 1)
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
     """Tensors and numpy scalars as Python numbers."""
     if hasattr(value, "item"):
         return value.item()
@@ -91,7 +92,7 @@ _STOP = object()
 class EventLog:
     """Queue events for the sinks; ``flush()`` waits until all of them are written."""
 
-    def __init__(self, primary: NdjsonSink, others: list[Sink] | None = None, stream=sys.stderr) -> None:
+    def __init__(self, primary: NdjsonSink, others: list[Sink] | None = None, stream: TextIO = sys.stderr) -> None:
         self.primary = primary
         self.others = list(others or [])
         self.stream = stream
@@ -121,7 +122,7 @@ class EventLog:
         for sink in [self.primary, *self.others]:
             self._guard(sink, sink.close)
 
-    def _guard(self, sink, fn, *args) -> bool:
+    def _guard(self, sink: Sink, fn: Callable[..., object], *args: Any) -> bool:
         try:
             fn(*args)
             return True
@@ -129,8 +130,11 @@ class EventLog:
             if sink is self.primary:
                 self.error = self.error or e
             else:
-                print(f"warning: tracker {sink.name} failed and is turned off for this run: "
-                      f"{e.__class__.__name__}: {e}", file=self.stream, flush=True)
+                print(
+                    f"warning: tracker {sink.name} failed and is turned off for this run: {e.__class__.__name__}: {e}",
+                    file=self.stream,
+                    flush=True,
+                )
                 if sink in self.others:
                     self.others.remove(sink)
             return False

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from codex_ml.tracking.events import finite_metrics
@@ -42,8 +43,18 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 class MlflowSink:
     name = "mlflow"
 
-    def __init__(self, uri: str, experiment: str, run_dir: Path, config: dict, tags: dict[str, str],
-                 artifacts_root: Path | None, log_model: bool, warn, run_name: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_dir: Path,
+        config: dict,
+        tags: dict[str, str],
+        artifacts_root: Path | None,
+        log_model: bool,
+        warn: Callable[[str], None],
+        run_name: str | None = None,
+    ) -> None:
         self.uri, self.experiment, self.run_dir = uri, experiment, run_dir
         self.run_name = run_name or run_dir.name
         self.config, self.tags, self.artifacts_root, self.log_model = config, tags, artifacts_root, log_model
@@ -76,8 +87,10 @@ class MlflowSink:
                 return
             self.failed = True
         reason = f"{error.__class__.__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-        self.warn(f"warning: MLflow tracking failed ({what}: {reason}); "
-                  "it is off for this run, training goes on and metrics.ndjson is complete")
+        self.warn(
+            f"warning: MLflow tracking failed ({what}: {reason}); "
+            "it is off for this run, training goes on and metrics.ndjson is complete"
+        )
         self.ready.set()
 
     def _work(self) -> None:
@@ -138,7 +151,7 @@ class MlflowSink:
 
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def _send(self, events: list[dict]) -> None:
         from mlflow.entities import Metric
@@ -148,9 +161,10 @@ class MlflowSink:
             step = int(e.get("step", 0))
             stamp = int(e.get("time", time.time()) * 1000)
             metrics += [Metric(k, v, stamp, step) for k, v in finite_metrics(e).items()]
+        assert self.run_id is not None, "start() opens the MLflow run before any metrics are sent"
         try:
             for i in range(0, len(metrics), _BATCH):
-                self.client.log_batch(self.run_id, metrics=metrics[i:i + _BATCH])
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + _BATCH])
         except Exception as e:  # a server gone mid-run: report once, keep training
             self._fail("could not log metrics", e)
 
@@ -172,15 +186,16 @@ class MlflowSink:
         self.pending.put(None)
         self.thread.join(timeout)
         if self.thread.is_alive():  # e.g. a server that stopped answering: MLflow's client retries for minutes
-            self._fail(f"the tracking server did not finish within {timeout:.0f} s",
-                       TimeoutError("the run in MLflow may lack its last metrics, artifacts and status"))
+            self._fail(
+                f"the tracking server did not finish within {timeout:.0f} s",
+                TimeoutError("the run in MLflow may lack its last metrics, artifacts and status"),
+            )
         if self.failed or self.run_id is None:
             return
         try:
             # a large upload may take long: not on a clock, but only to a store that answered until now
             if self.log_model and final_checkpoint is not None and not interrupted:
-                self.client.log_artifacts(self.run_id, str(final_checkpoint),
-                                          artifact_path=f"checkpoint/{final_checkpoint.name}")
+                self.client.log_artifacts(self.run_id, str(final_checkpoint), artifact_path=f"checkpoint/{final_checkpoint.name}")
             self.client.set_terminated(self.run_id, status="KILLED" if interrupted else "FINISHED")
         except Exception as e:  # the store went away at the very end: still only a warning
             self._fail("could not log the final checkpoint or status", e)

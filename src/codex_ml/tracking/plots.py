@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from html import escape
 
@@ -25,8 +26,7 @@ class Series:
 
 def line_chart(title: str, series: list[Series], x_label: str = "step", y_label: str = "") -> str:
     """One ``<svg>`` with axes, ticks, a grid, a legend and a line per series (gaps where a value is not finite)."""
-    series = [Series(s.name, _finite(s.points), s.color or PALETTE[i % len(PALETTE)], s.dashed)
-              for i, s in enumerate(series)]
+    series = [Series(s.name, _finite(s.points), s.color or PALETTE[i % len(PALETTE)], s.dashed) for i, s in enumerate(series)]
     series = [s for s in series if s.points]
     xs = [x for s in series for x, _ in s.points]
     ys = [y for s in series for _, y in s.points]
@@ -44,10 +44,12 @@ def line_chart(title: str, series: list[Series], x_label: str = "step", y_label:
 
     x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
     y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 1.0
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" '
-           f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(title)}">',
-           f"<title>{escape(title)}</title>",
-           f'<text class="chart-title" x="{LEFT}" y="16">{escape(title)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(title)}">',
+        f"<title>{escape(title)}</title>",
+        f'<text class="chart-title" x="{LEFT}" y="16">{escape(title)}</text>',
+    ]
     for t in y_ticks:
         y = sy(t)
         out.append(f'<line class="grid" x1="{LEFT}" x2="{LEFT + pw}" y1="{y:.1f}" y2="{y:.1f}"/>')
@@ -59,17 +61,23 @@ def line_chart(title: str, series: list[Series], x_label: str = "step", y_label:
     out.append(f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}"/>')
     out.append(f'<text class="axis-label" x="{LEFT + pw / 2:.1f}" y="{HEIGHT - 4}" text-anchor="middle">{escape(x_label)}</text>')
     if y_label:
-        out.append(f'<text class="axis-label" transform="translate(12 {TOP + ph / 2:.1f}) rotate(-90)" '
-                   f'text-anchor="middle">{escape(y_label)}</text>')
+        out.append(
+            f'<text class="axis-label" transform="translate(12 {TOP + ph / 2:.1f}) rotate(-90)" '
+            f'text-anchor="middle">{escape(y_label)}</text>'
+        )
     for s in series:
         points = downsample(s.points)
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        out.append(f'<path class="series" d="{_path(points, sx, sy)}" stroke="{s.color}"{dash}>'
-                   f"<title>{escape(s.name)}</title></path>")
+        out.append(
+            f'<path class="series" d="{_path(points, sx, sy)}" stroke="{s.color}"{dash}><title>{escape(s.name)}</title></path>'
+        )
         if len(points) <= MARKERS_UP_TO:
-            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{s.color}">'
-                    f"<title>{escape(s.name)} at {format_number(x, 1)}: {format_number(y, 0)}</title></circle>"
-                    for x, y in points if math.isfinite(y)]
+            out += [
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{s.color}">'
+                f"<title>{escape(s.name)} at {format_number(x, 1)}: {format_number(y, 0)}</title></circle>"
+                for x, y in points
+                if math.isfinite(y)
+            ]
     out += _legend(series)
     out.append("</svg>")
     return "\n".join(out)
@@ -118,7 +126,7 @@ def downsample(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> li
     per = math.ceil(len(points) / (limit // 3))
     out = []
     for i in range(0, len(points), per):
-        bucket = points[i:i + per]
+        bucket = points[i : i + per]
         keep = {0, min(range(len(bucket)), key=lambda j: bucket[j][1]), max(range(len(bucket)), key=lambda j: bucket[j][1])}
         out += [bucket[j] for j in sorted(keep)]
     if out[-1] != points[-1]:
@@ -135,7 +143,7 @@ def _finite(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out if any(math.isfinite(y) for _, y in out) else []
 
 
-def _path(points, sx, sy) -> str:
+def _path(points: list[tuple[float, float]], sx: Callable[[float], float], sy: Callable[[float], float]) -> str:
     parts, pen_down = [], False
     for x, y in points:
         if not math.isfinite(y):
@@ -147,7 +155,8 @@ def _path(points, sx, sy) -> str:
 
 
 def _legend(series: list[Series]) -> list[str]:
-    out, x = [], WIDTH - RIGHT
+    out: list[str] = []
+    x: float = WIDTH - RIGHT
     # right-aligned, laid out from the right edge; text width estimated at 6.5 px a character
     for s in reversed(series):
         width = 22 + 6.5 * len(s.name)

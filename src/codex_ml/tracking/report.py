@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -45,8 +46,13 @@ SYSTEM_GROUPS = (  # key suffix -> one chart per unit
     (("_mb",), "System: memory", "MB"),
     (("_w",), "System: power", "W"),
 )
-COMPARE_CHARTS = {"train_loss": "Training loss", "val_loss": "Validation loss", "lr": "Learning rate",
-                  "tokens_per_s": "Throughput (tokens/s)", "grad_norm": "Gradient norm"}
+COMPARE_CHARTS = {
+    "train_loss": "Training loss",
+    "val_loss": "Validation loss",
+    "lr": "Learning rate",
+    "tokens_per_s": "Throughput (tokens/s)",
+    "grad_norm": "Gradient norm",
+}
 
 
 @dataclass
@@ -133,15 +139,24 @@ def render_report(run: RunData) -> str:
     sections.append("<h2>System</h2>")
     system = _system_charts(run)
     every = run.config.get("tracking", {}).get("system_every_s")
-    sections.append(_charts(system) if system else
-                    f'<p class="note">No system metrics yet: they are sampled every {escape(str(every))} s '
-                    "(tracking.system_every_s).</p>")
+    sections.append(
+        _charts(system)
+        if system
+        else f'<p class="note">No system metrics yet: they are sampled every {escape(str(every))} s '
+        "(tracking.system_every_s).</p>"
+    )
     if run.results is not None:
-        sections += ["<h2>Evaluation</h2>", f'<p class="path">{escape(str(run.path / RESULTS_FILE))}</p>',
-                     _results_html(run.results)]
-    sections += ["<h2>Config</h2>",
-                 f"<details open><summary>{CONFIG_FILE}</summary><pre>{escape(run.config_text)}</pre></details>",
-                 "<h2>Environment</h2>", _env_html(run.env)]
+        sections += [
+            "<h2>Evaluation</h2>",
+            f'<p class="path">{escape(str(run.path / RESULTS_FILE))}</p>',
+            _results_html(run.results),
+        ]
+    sections += [
+        "<h2>Config</h2>",
+        f"<details open><summary>{CONFIG_FILE}</summary><pre>{escape(run.config_text)}</pre></details>",
+        "<h2>Environment</h2>",
+        _env_html(run.env),
+    ]
     return _page(f"codex-ml run {run.name}", "\n".join(sections))
 
 
@@ -151,22 +166,24 @@ def _summary_rows(run: RunData) -> list[list[str]]:
     max_steps = cfg.get("training", {}).get("max_steps")
     kinds = [e.get("event") for e in run.events]
     lifecycle = [k for k in kinds if k in ("start", "end", "interrupted", "early_stop")]
-    status = {"end": "finished", "interrupted": "interrupted (run the same command to resume)",
-              "early_stop": "stopped early"}.get(lifecycle[-1] if lifecycle else "", "running, or stopped without an end event")
+    status = {
+        "end": "finished",
+        "interrupted": "interrupted (run the same command to resume)",
+        "early_stop": "stopped early",
+    }.get(lifecycle[-1] if lifecycle else "", "running, or stopped without an end event")
     if "early_stop" in kinds and lifecycle and lifecycle[-1] == "end":
         status = "finished (stopped early)"
     times = [e["time"] for e in run.events if isinstance(e.get("time"), (int, float))]
     tokens = [e["tokens"] for e in run.events if e.get("event") == "train" and isinstance(e.get("tokens"), (int, float))]
     start = next((e for e in run.events if e.get("event") == "start"), {})
-    rows = [["status", status],
-            ["steps", f"{max(steps, default=0)}" + (f" of {max_steps}" if max_steps else "")]]
+    rows = [["status", status], ["steps", f"{max(steps, default=0)}" + (f" of {max_steps}" if max_steps else "")]]
     if tokens:
         rows.append(["tokens trained on", f"{int(tokens[-1]):,}"])
     if times:
         rows.append(["logged from / to", f"{_stamp(times[0])} / {_stamp(times[-1])}"])
     for key in ("train_loss", "val_loss", "val_ppl", "val_accuracy"):
-        if run.last(key) is not None:
-            rows.append([f"final {key}", metric_text(run.last(key))])
+        if (last := run.last(key)) is not None:
+            rows.append([f"final {key}", metric_text(last)])
     best = _best(run)
     if best:
         rows.append([f"best {best[0]}", f"{metric_text(best[1])} at step {best[2]:g}"])
@@ -175,16 +192,22 @@ def _summary_rows(run: RunData) -> list[list[str]]:
         rows.append(["tokens/s (median)", metric_text(rate)])
     if isinstance(start.get("parameters"), int):
         rows.append(["parameters", f"{start['parameters']:,}"])
-    for label, value in (("model", env.get("model")), ("device", env.get("device") or start.get("device")),
-                         ("seed", env.get("seed")), ("deterministic", env.get("deterministic")),
-                         ("git commit", env.get("git_commit")), ("codex-ml", env.get("codex_ml_version"))):
+    for label, value in (
+        ("model", env.get("model")),
+        ("device", env.get("device") or start.get("device")),
+        ("seed", env.get("seed")),
+        ("deterministic", env.get("deterministic")),
+        ("git commit", env.get("git_commit")),
+        ("codex-ml", env.get("codex_ml_version")),
+    ):
         if value is not None:
             rows.append([label, str(value)])
     return rows
 
 
 def _training_charts(run: RunData) -> list[str]:
-    charts, used = [], set()
+    charts: list[str] = []
+    used: set[str] = set()
     for title, keys, y_label in TRAINING_CHARTS:
         present = [k for k in keys if k in run.curves]
         used.update(keys)
@@ -227,7 +250,7 @@ def _median_rate(run: RunData) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def _results_html(results) -> str:
+def _results_html(results: Any) -> str:
     """``eval/results.json`` read generically: top-level numbers in one table, each task's metrics in its own."""
     if not isinstance(results, dict):
         return f"<pre>{escape(json.dumps(results, indent=2)[:20000])}</pre>"
@@ -264,7 +287,7 @@ def metric_text(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1e3 else f"{value:.4f}"
 
 
-def _cell(value) -> str:
+def _cell(value: Any) -> str:
     if isinstance(value, float):
         return metric_text(value)
     if isinstance(value, list):
@@ -284,8 +307,11 @@ def _env_html(env: dict | None) -> str:
     out = [_table(["", ""], rows, cls="summary")]
     packages = env.get("packages")
     if isinstance(packages, dict):
-        out.append(f"<details><summary>packages ({len(packages)})</summary>"
-                   + _table(["package", "version"], [[k, str(v)] for k, v in packages.items()]) + "</details>")
+        out.append(
+            f"<details><summary>packages ({len(packages)})</summary>"
+            + _table(["package", "version"], [[k, str(v)] for k, v in packages.items()])
+            + "</details>"
+        )
     return "\n".join(out)
 
 
@@ -313,19 +339,28 @@ def compare_runs(run_dirs: list[Path], out: Path) -> tuple[str, Path]:
     return "\n\n".join(text), out
 
 
-def render_compare(runs: list[RunData], labels: list[str], metric_rows, diff_rows) -> str:
+def render_compare(runs: list[RunData], labels: list[str], metric_rows: list[list[str]], diff_rows: list[list[str]]) -> str:
     keys = [k for k in COMPARE_CHARTS if any(k in r.curves for r in runs)]
     keys += sorted({k for r in runs for k in r.curves if k.startswith("val_") and k not in keys})
     charts = []
     for key in keys:
-        series = [Series(label, r.curves[key], PALETTE[i % len(PALETTE)])
-                  for i, (label, r) in enumerate(zip(labels, runs)) if r.curves.get(key)]
+        series = [
+            Series(label, r.curves[key], PALETTE[i % len(PALETTE)])
+            for i, (label, r) in enumerate(zip(labels, runs))
+            if r.curves.get(key)
+        ]
         charts.append(line_chart(COMPARE_CHARTS.get(key, key), series, y_label=key))
     listing = _table(["run", "folder"], [[label, str(r.path)] for label, r in zip(labels, runs)])
-    body = [f"<h1>Comparing {len(runs)} runs</h1>", listing, "<h2>Final metrics</h2>",
-            _table(["", *labels], metric_rows), "<h2>Config keys that differ</h2>",
-            _table(["key", *labels], diff_rows) if diff_rows else '<p class="note">None (besides run.dir and run.name).</p>',
-            "<h2>Curves</h2>", _charts(charts)]
+    body = [
+        f"<h1>Comparing {len(runs)} runs</h1>",
+        listing,
+        "<h2>Final metrics</h2>",
+        _table(["", *labels], metric_rows),
+        "<h2>Config keys that differ</h2>",
+        _table(["key", *labels], diff_rows) if diff_rows else '<p class="note">None (besides run.dir and run.name).</p>',
+        "<h2>Curves</h2>",
+        _charts(charts),
+    ]
     return _page("codex-ml: " + ", ".join(labels), "\n".join(body))
 
 
@@ -337,8 +372,8 @@ def _final_metric_rows(runs: list[RunData]) -> list[list[str]]:
         steps = [p[0] for points in r.curves.values() for p in points]
         m["step"] = f"{max(steps):g}"
         for key in ["train_loss", "val_loss", *sorted(k for k in r.curves if k.startswith("val_") and k != "val_loss")]:
-            if r.last(key) is not None:
-                m[key] = metric_text(r.last(key))
+            if (last := r.last(key)) is not None:
+                m[key] = metric_text(last)
         best = _best(r)
         if best:
             m[f"best {best[0]}"] = metric_text(best[1])
@@ -435,7 +470,7 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -44,8 +44,9 @@ class GpuProbe:
 class SystemMonitor:
     """Every ``every_s`` seconds, one ``system`` event with keys under ``system/``."""
 
-    def __init__(self, every_s: float, emit: Callable[[dict], None], current_step: Callable[[], int],
-                 say: Callable[[str], None]) -> None:
+    def __init__(
+        self, every_s: float, emit: Callable[[dict], None], current_step: Callable[[], int], say: Callable[[str], None]
+    ) -> None:
         import psutil
 
         self.every_s, self.emit, self.current_step = every_s, emit, current_step

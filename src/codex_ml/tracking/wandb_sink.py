@@ -24,8 +24,15 @@ class WandbSink:
     def __init__(self, run_dir: Path, project: str, config: dict, resume_id: str | None) -> None:
         import wandb
 
-        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), mode="offline", config=config,
-                              id=resume_id, resume="allow" if resume_id else None)
+        self.run = wandb.init(
+            project=project,
+            name=run_dir.name,
+            dir=str(run_dir),
+            mode="offline",
+            config=config,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+        )
         self.id = self.run.id
 
     def write(self, event: dict) -> None:

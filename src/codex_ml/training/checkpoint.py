@@ -79,8 +79,9 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(root: Path, step: int, files: dict[str, bytes], metrics: dict | None = None,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    root: Path, step: int, files: dict[str, bytes], metrics: dict | None = None, extra: dict | None = None
+) -> Path:
     """Write ``files`` (name -> content) as the checkpoint of ``step``; returns its folder.
 
     A complete checkpoint of the same step is kept as it is (a run resumed at that step).

@@ -14,9 +14,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense peak TFLOP/s per GPU (without sparsity), by name fragment: bf16/fp16 tensor cores, TF32 tensor
 # cores (half the bf16 rate; None before Ampere, which has none), and plain fp32 on CUDA cores.
-_PEAK_TFLOPS = [("H200", 989.0, 494.5, 67.0), ("H100", 989.0, 494.5, 67.0), ("A100", 312.0, 156.0, 19.5),
-                ("L40S", 362.0, 181.0, 91.6), ("A10G", 125.0, 62.5, 31.2), ("RTX 4090", 165.0, 82.6, 82.6),
-                ("L4", 121.0, 60.5, 30.3), ("V100", 125.0, None, 15.7), ("T4", 65.0, None, 8.1)]
+_PEAK_TFLOPS = [
+    ("H200", 989.0, 494.5, 67.0),
+    ("H100", 989.0, 494.5, 67.0),
+    ("A100", 312.0, 156.0, 19.5),
+    ("L40S", 362.0, 181.0, 91.6),
+    ("A10G", 125.0, 62.5, 31.2),
+    ("RTX 4090", 165.0, 82.6, 82.6),
+    ("L4", 121.0, 60.5, 30.3),
+    ("V100", 125.0, None, 15.7),
+    ("T4", 65.0, None, 8.1),
+]
+
 
 class DeviceError(CodexError):
     pass

@@ -75,8 +75,9 @@ def run_hf_trainer(
             assert self.train_dataset is not None, "run_hf_trainer always passes train_dataset"
             return torch.utils.data.DataLoader(self.train_dataset, batch_size=None, num_workers=0)
 
-        def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int,
-                              device: torch.device) -> tuple[list, torch.Tensor]:
+        def get_batch_samples(
+            self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+        ) -> tuple[list, torch.Tensor]:
             # the Trainer draws a step's micro-batches at once: count their target tokens on every
             # rank (the Trainer's own count drops each row's first label, which our labels, already
             # shifted, do not have to spare)
@@ -93,8 +94,13 @@ def run_hf_trainer(
             step_targets.append(n)
             return samples, n.clamp(min=1)
 
-        def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        def compute_loss(
+            self,
+            model: torch.nn.Module,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: torch.Tensor | int | None = None,
+        ) -> torch.Tensor | tuple[torch.Tensor, Any]:
             # DDP averages gradients over ranks; scale back up to the global token mean, as the native loop
             assert num_items_in_batch is not None, "get_batch_samples above always counts the step's targets"
             loss = model(inputs) / num_items_in_batch * world_size
@@ -109,25 +115,43 @@ def run_hf_trainer(
 
         # "hf_state", not the base class's "state", which would hide the LoopState this closure updates;
         # the Trainer passes (args, state, control) positionally
-        def on_step_end(self, args: TrainingArguments, hf_state: TrainerState,  # type: ignore[override]
-                        control: TrainerControl, **kw: Any) -> None:
+        def on_step_end(  # type: ignore[override]
+            self,
+            args: TrainingArguments,
+            hf_state: TrainerState,
+            control: TrainerControl,
+            **kw: Any,
+        ) -> None:
             n = int(step_targets.pop(0))
             state.tokens += n
             self.interval_tokens += n
 
-        def on_log(self, args: TrainingArguments, hf_state: TrainerState,  # type: ignore[override]
-                   control: TrainerControl, logs: dict[str, float] | None = None,
-                   **kw: Any) -> TrainerControl | None:
+        def on_log(  # type: ignore[override]
+            self,
+            args: TrainingArguments,
+            hf_state: TrainerState,
+            control: TrainerControl,
+            logs: dict[str, float] | None = None,
+            **kw: Any,
+        ) -> TrainerControl | None:
             # the Trainer logs every step (logging_steps=1), right after on_step_end: the step's train
             # event goes out first, then evaluation and the checkpoint, whose metrics offset includes it
             if not logs or "loss" not in logs:
                 return None
             state.step = start + hf_state.global_step
             elapsed = time.perf_counter() - self.interval_start
-            emit({"event": "train", "step": state.step, "train_loss": float(logs["loss"]),
-                  "lr": float(logs.get("learning_rate", optimizer.param_groups[0]["lr"])),
-                  "grad_norm": float(logs.get("grad_norm", math.nan)), "tokens": state.tokens,
-                  "tokens_per_s": self.interval_tokens / max(elapsed, 1e-9), "engine": "hf"})
+            emit(
+                {
+                    "event": "train",
+                    "step": state.step,
+                    "train_loss": float(logs["loss"]),
+                    "lr": float(logs.get("learning_rate", optimizer.param_groups[0]["lr"])),
+                    "grad_norm": float(logs.get("grad_norm", math.nan)),
+                    "tokens": state.tokens,
+                    "tokens_per_s": self.interval_tokens / max(elapsed, 1e-9),
+                    "engine": "hf",
+                }
+            )
             self.interval_start, self.interval_tokens = time.perf_counter(), 0
             final = state.step == settings.max_steps
             if (settings.eval_every and state.step % settings.eval_every == 0) or final:
@@ -142,15 +166,32 @@ def run_hf_trainer(
 
     with tempfile.TemporaryDirectory(prefix="codex-ml-hf-trainer-") as out:
         args = TrainingArguments(
-            output_dir=out, max_steps=remaining, per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=settings.grad_accum, max_grad_norm=settings.grad_clip or 0.0,
-            logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],  # an event per step, as ours
-            seed=seed, data_seed=seed, bf16=precision == "bf16", fp16=precision == "fp16",
-            use_cpu=device.type == "cpu", dataloader_num_workers=0, disable_tqdm=True, ignore_data_skip=True,
+            output_dir=out,
+            max_steps=remaining,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=settings.grad_accum,
+            max_grad_norm=settings.grad_clip or 0.0,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],  # an event per step, as ours
+            seed=seed,
+            data_seed=seed,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            use_cpu=device.type == "cpu",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            ignore_data_skip=True,
             remove_unused_columns=False,
         )
-        trainer = CodexTrainer(model=SummedLossModule(module, loss_sum), args=args, train_dataset=_Batches(batches),
-                               optimizers=(optimizer, scheduler), callbacks=[Bridge()])
+        trainer = CodexTrainer(
+            model=SummedLossModule(module, loss_sum),
+            args=args,
+            train_dataset=_Batches(batches),
+            optimizers=(optimizer, scheduler),
+            callbacks=[Bridge()],
+        )
         for cb in (PrinterCallback, ProgressCallback):  # our console reporter prints the progress
             trainer.remove_callback(cb)
         trainer.train()

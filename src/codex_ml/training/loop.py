@@ -124,8 +124,9 @@ class Trainer:
         The loss is normalised by the target tokens of the whole step (all micro-batches, all
         ranks), so it equals the loss of one large batch however the step is split.
         """
-        micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
-                 for _ in range(self.s.grad_accum)]
+        micro = [
+            {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()} for _ in range(self.s.grad_accum)
+        ]
         # grad_accum >= 1: a sum of tensors, never sum()'s start value 0
         n_tokens = cast(torch.Tensor, sum(target_tokens(b["labels"]) for b in micro))
         if self.all_reduce is not None:
@@ -172,8 +173,9 @@ class Trainer:
 
         def read_back() -> None:
             if on_device:
-                values = torch.stack([torch.stack([loss.double(), norm.double(), n.double()])
-                                      for _, loss, norm, _, n in on_device]).tolist()
+                values = torch.stack(
+                    [torch.stack([loss.double(), norm.double(), n.double()]) for _, loss, norm, _, n in on_device]
+                ).tolist()
                 for (step, _, _, lr, _), (loss, norm, n) in zip(on_device, values):
                     st.pending.append({"step": step, "train_loss": loss, "grad_norm": norm, "lr": lr, "tokens": int(n)})
                 on_device.clear()
@@ -231,8 +233,7 @@ def record_evaluation(st: LoopState, s: LoopSettings, metrics: dict, emit: Calla
     if value is None or not math.isfinite(value):
         return
     better = st.best is None or (
-        value < st.best - s.early_stopping_min_delta if s.best_mode == "min"
-        else value > st.best + s.early_stopping_min_delta
+        value < st.best - s.early_stopping_min_delta if s.best_mode == "min" else value > st.best + s.early_stopping_min_delta
     )
     if better:
         st.best, st.evals_without_improvement = value, 0
@@ -240,5 +241,11 @@ def record_evaluation(st: LoopState, s: LoopSettings, metrics: dict, emit: Calla
         st.evals_without_improvement += 1
         if s.early_stopping_patience and st.evals_without_improvement >= s.early_stopping_patience:
             st.stopped_early = True
-            emit({"event": "early_stop", "step": st.step, "best": st.best,
-                  "evals_without_improvement": st.evals_without_improvement})
+            emit(
+                {
+                    "event": "early_stop",
+                    "step": st.step,
+                    "best": st.best,
+                    "evals_without_improvement": st.evals_without_improvement,
+                }
+            )

@@ -8,8 +8,9 @@ from functools import partial
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, device_type: str
+) -> torch.optim.AdamW:
     """Weight decay on 2-D weights (matmuls, embeddings), none on norms and biases; the fused kernel."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -33,7 +34,8 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_r
     raise ValueError(f"unknown schedule {schedule!r}; allowed: cosine, linear, constant")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, schedule: str,
-                    min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     fn = partial(lr_factor, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule, min_ratio=min_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
