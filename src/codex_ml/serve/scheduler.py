@@ -7,9 +7,9 @@ bounded queue; ``submit`` refuses past it rather than letting the queue grow.
 
 Batch invariance (a greedy sequence decodes the same tokens alone or among others): every decoding
 step covers the slots ``0..hi`` with ``hi`` rounded up to a multiple of 4. On CPU, fp32 matrix
-products give bit-identical rows for any batch of a multiple-of-4 rows, whatever the other rows
-hold, while 1 to 3 rows take other kernels (last bits differ); attention is per row. A sequence
-keeps its slot for life, so its rows see the same arithmetic in any company.
+products take the same kernels for any batch of a multiple-of-4 rows, while 1 to 3 rows take other
+kernels; attention is per row. A sequence keeps its slot for life. What is guaranteed and tested:
+the same tokens, and logprobs within 1e-5 in fp32 (the last bits can still differ).
 """
 
 from __future__ import annotations
