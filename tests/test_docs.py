@@ -90,3 +90,70 @@ def test_a_failing_block_fails(tmp_path):
         ["bash", "-euo", "pipefail", "-c", marked_blocks("<!-- run -->\n```bash\nfalse\ntouch x\n```\n")[0]], cwd=tmp_path
     )
     assert proc.returncode != 0 and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- every documented command, checked against the schema
+
+# codex-ml where a command starts (line start, after && ; | ( or a wrapper), as a path or the image's entrypoint
+INVOCATION = re.compile(r"(?:^\s*|&&\s*|[;|(]\s*|\b(?:timeout \d+|srun|docker run)\s.*?)(?:\S*/)?codex-ml(?::\w+)?\s+(.*)$")
+MODULE_INVOCATION = re.compile(r"-m codex_ml\.cli\s+(.*)$")
+SWEEP_VALUE = re.compile(r"^[\w./]+=(?:[^\[\]]*,|\w+\()")  # a=x,y or a=interval(...): a value per job
+
+
+def documented_invocations() -> list[tuple[str, str, list[str]]]:
+    """(page:line, command, overrides) of every ``codex-ml`` line in a bash/shell block of README.md and docs/*.md,
+    continuation lines joined; shell variables stand in as placeholder words."""
+    import shlex
+
+    found = []
+    for page in DOCS:
+        lines, in_block, i = page.read_text().splitlines(), False, 0
+        while i < len(lines):
+            line = lines[i]
+            if FENCE.match(line):
+                in_block = not in_block and line.strip().lstrip("`") in ("bash", "sh", "shell", "console")
+                i += 1
+                continue
+            start = i
+            while in_block and line.rstrip().endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line.rstrip()[:-1] + " " + lines[i]
+            i += 1
+            code = line.split(" #")[0]
+            m = (MODULE_INVOCATION.search(code) or INVOCATION.search(code)) if in_block else None
+            if not m or line.lstrip().startswith("#") or line.lstrip().startswith("docker build"):
+                continue
+            words = shlex.split(re.sub(r"\$\{?(\w+)\}?", r"PLACEHOLDER_\1", m.group(1)).split("|")[0].split(">")[0])
+            if not words or words[0].startswith("-"):
+                continue  # `codex-ml --help`
+            sweep = "-m" in words or "--multirun" in words
+            overrides = [w for w in words[1:] if "=" in w and not (sweep and SWEEP_VALUE.match(w))]
+            found.append((f"{page.relative_to(ROOT)}:{start + 1}", words[0], overrides))
+    return found
+
+
+def test_every_documented_command_composes():
+    """Every ``codex-ml`` command the docs tell a user to type names a real command whose overrides compose into its
+    typed config (no unknown key, no wrong type): a renamed key or command fails here before a user meets it."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from codex_ml.cli import COMMANDS
+    from codex_ml.conf.overrides import quote_text_overrides
+    from codex_ml.conf.store import register_schemas
+
+    register_schemas()
+    invocations = documented_invocations()
+    assert len(invocations) >= 40, "the docs' commands are found"
+    problems = []
+    with initialize_config_module(config_module="codex_ml.conf", version_base=None):
+        for where, command, overrides in invocations:
+            if command not in COMMANDS:
+                problems.append(f"{where}: unknown command {command!r}")
+                continue
+            args = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "action="))]
+            try:
+                OmegaConf.to_object(compose(config_name=COMMANDS[command].config, overrides=quote_text_overrides(args)))
+            except Exception as e:  # noqa: BLE001 - every failure is reported with its place in the docs
+                problems.append(f"{where}: codex-ml {command} {' '.join(overrides)}: {type(e).__name__}: {str(e)[:200]}")
+    assert not problems, "\n".join(problems)

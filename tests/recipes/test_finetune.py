@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import TINY_MODEL, data_args, run_cli, tiny_train_args
+from helpers import TINY_MODEL, data_args, run_cli, save_tiny_hf_models, tiny_train_args
 
 FAST = [
     "training.batch_size=4",
@@ -27,58 +27,13 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def hf_models(corpus_dir, tmp_path_factory):
     """Small Llama, Qwen2 and GPT-2 models built from config and saved with a tokenizer of ours."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    root = tmp_path_factory.mktemp("hf")
-    run_cli("tokenizer", *data_args(corpus_dir), f"out={root / 'tok'}")
-    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
-    ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    small = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **ids,
-    )
-    torch.manual_seed(0)
-    models = {
-        "llama": LlamaForCausalLM(LlamaConfig(**small)),
-        "qwen2": Qwen2ForCausalLM(Qwen2Config(**small)),
-        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)),
-    }
-    for name, m in models.items():
-        m.save_pretrained(str(root / name))
-        tok.save_pretrained(str(root / name))
-    return root
+    return save_tiny_hf_models(tmp_path_factory.mktemp("hf"), ["llama", "qwen2", "gpt2"], corpus_dir)
 
 
 @pytest.fixture(scope="module")
 def other_families(hf_models):
     """GPT-NeoX (fused query_key_value, a PEFT default) and Phi-3 (fused qkv_proj/gate_up_proj, no PEFT default)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(hf_models / "tok"))
-    ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    shape = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        **ids,
-    )
-    torch.manual_seed(0)
-    for name, m in {
-        "gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(**shape)),
-        "phi3": Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, **shape)),
-    }.items():
-        m.save_pretrained(str(hf_models / name))
-        tok.save_pretrained(str(hf_models / name))
-    return hf_models
+    return save_tiny_hf_models(hf_models, ["gpt_neox", "phi3"])
 
 
 @pytest.mark.parametrize("arch,engine", [("llama", "native"), ("qwen2", "native"), ("gpt2", "hf"), ("llama", "hf")])

@@ -4,9 +4,8 @@ each train exactly like one process with the whole batch, so the gradients were 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
-from helpers import data_args, run_cli
+from helpers import data_args, run_cli, save_tiny_hf_models
 from training.distributed_helpers import complete_checkpoints, events, torchrun
 
 
@@ -14,44 +13,7 @@ from training.distributed_helpers import complete_checkpoints, events, torchrun
 def hf_dirs(corpus_dir, tmp_path_factory):
     """A GPT-2 and a Qwen2 model built from config (no dropout: ranks draw other masks than one
     process), saved with a tokenizer of ours."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
-
-    root = tmp_path_factory.mktemp("hf-ddp")
-    run_cli("tokenizer", *data_args(corpus_dir), f"out={root / 'tok'}")
-    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
-    ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    models = {
-        "gpt2": GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=len(tok),
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                n_positions=64,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                **ids,
-            )
-        ),
-        "qwen2": Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=len(tok),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                **ids,
-            )
-        ),
-    }
-    for name, m in models.items():
-        m.save_pretrained(str(root / name))
-        tok.save_pretrained(str(root / name))
-    return root
+    return save_tiny_hf_models(tmp_path_factory.mktemp("hf-ddp"), ["gpt2", "qwen2"], corpus_dir, max_positions=64, dropout=False)
 
 
 LORA = {"gpt2": "[c_attn,c_proj,c_fc]", "qwen2": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"}

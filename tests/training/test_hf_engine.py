@@ -8,13 +8,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from transformers import AutoTokenizer
 
 from codex_ml.data.rows import RowBatches, Rows
 from codex_ml.models.loss import IGNORE_INDEX
-from helpers import CLI, data_args, run_cli
+from helpers import CLI, data_args, run_cli, save_tiny_hf_models
 from training.distributed_helpers import complete_checkpoints, events
 
 FAST = [
@@ -30,29 +28,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def llama_dir(corpus_dir, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("hf-engine")
-    run_cli("tokenizer", *data_args(corpus_dir), f"out={root / 'tok'}")
-    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=None,
-        )
-    )
-    model.save_pretrained(str(root / "llama"))
-    tok.save_pretrained(str(root / "llama"))
-    return root / "llama"
+    return save_tiny_hf_models(tmp_path_factory.mktemp("hf-engine"), ["llama"], corpus_dir) / "llama"
 
 
 def test_tokens_are_the_target_tokens_of_each_step(llama_dir, tmp_path):

@@ -16,6 +16,7 @@ from types import FrameType
 from typing import cast
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from codex_ml.models.loss import target_tokens
 
@@ -71,7 +72,23 @@ class StopRequest:
         return self.agreed is not None
 
 
+def token_measure(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Language modelling: the loss is normalised by the target tokens, and those are the tokens trained on."""
+    n = target_tokens(batch["labels"])
+    return n, n
+
+
 class Trainer:
+    """The native loop over any objective.
+
+    ``loss_sum(batch)`` is the objective summed over the batch's units; ``measure(batch)`` gives
+    (units, tokens): the loss of a step is divided by its units over all micro-batches and ranks
+    (target tokens for language modelling, pairs for DPO, sequences or tokens for GRPO) and the
+    tokens feed the throughput. ``step_metrics()``, called after each optimizer step, returns the
+    objective's own figures as ``name -> tensor([sum, count])`` over this rank's part of the step;
+    the loop adds them over ranks and logs ``sum / count`` in the step's ``train`` event.
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -90,6 +107,8 @@ class Trainer:
         no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         stop: StopRequest | None = None,
         world_size: int = 1,
+        measure: Callable[[dict], tuple[torch.Tensor, torch.Tensor]] = token_measure,
+        step_metrics: Callable[[], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         # loss_sum(batch): the cross-entropy summed over the batch's target tokens (models.loss);
         # under DDP, the DDP-wrapped models.loss.SummedLossModule, so that gradients are synchronised
@@ -99,6 +118,7 @@ class Trainer:
         self.autocast, self.scaler, self.all_reduce, self.no_sync = autocast, scaler, all_reduce, no_sync
         self.stop = stop or StopRequest()
         self.world_size = world_size
+        self.measure, self.step_metrics = measure, step_metrics
         self.state = LoopState()
 
     # ------------------------------------------------------------------ state
@@ -118,27 +138,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; (loss, grad norm, target tokens, lr used).
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+        """One optimizer step over ``grad_accum`` micro-batches; (loss, grad norm, tokens, lr used, metrics).
 
-        The loss is normalised by the target tokens of the whole step (all micro-batches, all
-        ranks), so it equals the loss of one large batch however the step is split.
+        The loss is normalised by the units of the whole step (all micro-batches, all ranks), so it
+        equals the loss of one large batch however the step is split.
         """
         micro = [
-            {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()} for _ in range(self.s.grad_accum)
+            {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(self.batches).items()}
+            for _ in range(self.s.grad_accum)
         ]
-        # grad_accum >= 1: a sum of tensors, never sum()'s start value 0
-        n_tokens = cast(torch.Tensor, sum(target_tokens(b["labels"]) for b in micro))
+        # grad_accum >= 1: a sum of tensors, never sum()'s start value 0; units and tokens in one collective
+        counts = cast(torch.Tensor, sum(torch.stack(self.measure(b)).to(self.device, torch.float64) for b in micro))
         if self.all_reduce is not None:
-            n_tokens = self.all_reduce(n_tokens.clone())
-        n_tokens = n_tokens.clamp(min=1)
+            counts = self.all_reduce(counts.clone())
+        n_units, n_tokens = counts[0].clamp(min=1), counts[1]
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             with contextlib.nullcontext() if last else self.no_sync():
                 with self.autocast():
-                    loss = self.loss_sum(batch) / n_tokens
-                # DDP averages gradients over ranks; scale back up to the global token mean.
+                    loss = self.loss_sum(batch) / n_units.to(torch.float32)
+                # DDP averages gradients over ranks; scale back up to the global mean.
                 scaled = loss * self.world_size if self.world_size > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.detach()
@@ -149,6 +170,8 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards, the same on each
+            grad_norm = grad_norm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -157,9 +180,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        metrics = self.step_metrics() if self.step_metrics is not None else {}
         if self.all_reduce is not None:
             total = self.all_reduce(total)
-        return total, grad_norm, n_tokens, lr
+            if metrics:  # one collective for all of them, in a fixed order
+                names = sorted(metrics)
+                summed = self.all_reduce(torch.stack([metrics[k].to(self.device, torch.float64) for k in names]))
+                metrics = dict(zip(names, summed.unbind(0)))
+        return total, grad_norm, n_tokens, lr, metrics
 
     # ------------------------------------------------------------------ the loop
 
@@ -169,21 +197,26 @@ class Trainer:
         st, s = self.state, self.s
         self.model.train()
         interval_start = time.perf_counter()
-        on_device: list[tuple] = []  # (step, loss, grad norm, lr, target tokens) not yet read back
+        on_device: list[tuple] = []  # (step, loss, grad norm, lr, tokens, metrics) not yet read back
 
         def read_back() -> None:
             if on_device:
                 values = torch.stack(
-                    [torch.stack([loss.double(), norm.double(), n.double()]) for _, loss, norm, _, n in on_device]
+                    [torch.stack([loss.double(), norm.double(), n.double()]) for _, loss, norm, _, n, _ in on_device]
                 ).tolist()
-                for (step, _, _, lr, _), (loss, norm, n) in zip(on_device, values):
-                    st.pending.append({"step": step, "train_loss": loss, "grad_norm": norm, "lr": lr, "tokens": int(n)})
+                extras = [
+                    {k: v.tolist() for k, v in metrics.items()} if metrics else {} for *_, metrics in on_device
+                ]  # read back with the rest: no synchronisation of its own per step
+                for (step, _, _, lr, _, _), (loss, norm, n), extra in zip(on_device, values, extras):
+                    record = {"step": step, "train_loss": loss, "grad_norm": norm, "lr": lr, "tokens": int(n)}
+                    record.update({k: total / count if count else float("nan") for k, (total, count) in extra.items()})
+                    st.pending.append(record)
                 on_device.clear()
 
         while st.step < s.max_steps:
-            loss, grad_norm, n_tokens, lr = self._train_step()
+            loss, grad_norm, n_tokens, lr, metrics = self._train_step()
             st.step += 1
-            on_device.append((st.step, loss, grad_norm, lr, n_tokens))
+            on_device.append((st.step, loss, grad_norm, lr, n_tokens, metrics))
 
             if st.step % s.log_every == 0 or st.step == s.max_steps:
                 read_back()  # the hot loop's only host synchronisation
