@@ -61,6 +61,31 @@ def test_ranks_see_disjoint_windows():
     assert not seen[0] & seen[1]
 
 
+def test_two_ranks_position_continues_on_one_at_the_same_global_sample():
+    """Two ranks x batch 2, three steps in: one process with batch 4 takes exactly the windows the two
+    ranks would have taken together next, and the reverse; a global batch that does not divide the
+    position is refused rather than skip or repeat a window."""
+    ranks = [PackedBatches(stream(), 16, 2, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        for r in ranks:
+            next(r)
+    saved = ranks[0].state_dict()
+    assert saved["samples"] == 12
+    ahead = [sorted(int(x) for r in ranks for x in next(r)["input_ids"][:, 0]) for _ in range(4)]
+    one = PackedBatches(stream(), 16, 4, seed=5)
+    one.load_state_dict(saved)
+    assert [sorted(int(x) for x in next(one)["input_ids"][:, 0]) for _ in range(4)] == ahead
+    back = [PackedBatches(stream(), 16, 2, seed=5, rank=r, world_size=2) for r in range(2)]
+    for r in back:
+        r.load_state_dict(one.state_dict())
+    assert sorted(int(x) for r in back for x in next(r)["input_ids"][:, 0]) == sorted(
+        int(x) for x in next(one)["input_ids"][:, 0]
+    )
+    odd = PackedBatches(stream(), 16, 5, seed=5)
+    with pytest.raises(ValueError, match="cannot continue there exactly"):
+        odd.load_state_dict(saved)
+
+
 def test_state_from_other_data_is_refused():
     a = PackedBatches(stream(1000), 16, 4, seed=0)
     b = PackedBatches(stream(2000), 16, 4, seed=0)

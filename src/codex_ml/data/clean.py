@@ -140,53 +140,72 @@ def decode(data: bytes) -> tuple[str | None, str]:
     return str(chosen), chosen.encoding
 
 
+@dataclass
+class Cleaned:
+    """One raw document after the per-document filters: its text, or why it was skipped."""
+
+    id: str
+    text: str | None
+    reason: str | None = None  # one of REASONS when skipped
+    encoding: str | None = None  # the non-UTF-8 encoding it was decoded from
+
+
+def clean_one(doc: RawDocument | ReadFailure, config: CleaningConfig) -> Cleaned:
+    """Every filter that looks at the document alone (exact dedup, which needs the others, excepted)."""
+    if isinstance(doc, ReadFailure):
+        return Cleaned(doc.id, None, UNREADABLE)
+    if doc.size > config.max_file_bytes:
+        return Cleaned(doc.id, None, TOO_LARGE)
+    encoding = None
+    if isinstance(doc.data, bytes):
+        if looks_binary(doc.data):
+            return Cleaned(doc.id, None, BINARY)
+        text, found = decode(doc.data)
+        if text is None:
+            return Cleaned(doc.id, None, UNDECODABLE)
+        if found != "utf-8":
+            encoding = found
+    else:
+        text = doc.data
+        if "\x00" in text:
+            return Cleaned(doc.id, None, BINARY)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from JSON escapes
+            return Cleaned(doc.id, None, UNDECODABLE)
+    if len(text.strip()) < config.min_chars:
+        return Cleaned(doc.id, None, TOO_SMALL, encoding)
+    if max(map(len, text.splitlines()), default=0) > config.max_line_length:
+        return Cleaned(doc.id, None, LONG_LINE, encoding)
+    if config.skip_generated and looks_generated(text):
+        return Cleaned(doc.id, None, GENERATED, encoding)
+    return Cleaned(doc.id, text, None, encoding)
+
+
+def text_digest(text: str) -> bytes:
+    """What exact dedup compares: the SHA-256 of the cleaned text."""
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
 def clean_documents(
     raw: Iterable[RawDocument | ReadFailure], config: CleaningConfig, report: CleaningReport
 ) -> Iterator[Document]:
     """Yield the documents worth training on, counting the others in ``report``."""
     seen: set[bytes] = set()
     for doc in raw:
-        if isinstance(doc, ReadFailure):
-            report.skip(UNREADABLE, doc.id)
-            continue
-        if doc.size > config.max_file_bytes:
-            report.skip(TOO_LARGE, doc.id)
-            continue
-        if isinstance(doc.data, bytes):
-            if looks_binary(doc.data):
-                report.skip(BINARY, doc.id)
-                continue
-            text, encoding = decode(doc.data)
-            if text is None:
-                report.skip(UNDECODABLE, doc.id)
-                continue
-            if encoding != "utf-8":
-                report.decoded_from[encoding] += 1
-        else:
-            text = doc.data
-            if "\x00" in text:
-                report.skip(BINARY, doc.id)
-                continue
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates from JSON escapes
-                report.skip(UNDECODABLE, doc.id)
-                continue
-        if len(text.strip()) < config.min_chars:
-            report.skip(TOO_SMALL, doc.id)
-            continue
-        if max(map(len, text.splitlines()), default=0) > config.max_line_length:
-            report.skip(LONG_LINE, doc.id)
-            continue
-        if config.skip_generated and looks_generated(text):
-            report.skip(GENERATED, doc.id)
+        cleaned = clean_one(doc, config)
+        if cleaned.encoding:
+            report.decoded_from[cleaned.encoding] += 1
+        if cleaned.text is None:
+            assert cleaned.reason is not None
+            report.skip(cleaned.reason, cleaned.id)
             continue
         if config.dedup:
-            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            digest = text_digest(cleaned.text)
             if digest in seen:
                 report.skip(DUPLICATE, doc.id)
                 continue
             seen.add(digest)
         report.kept += 1
-        report.kept_chars += len(text)
-        yield Document(doc.id, text)
+        report.kept_chars += len(cleaned.text)
+        yield Document(doc.id, cleaned.text)

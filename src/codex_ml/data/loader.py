@@ -91,11 +91,9 @@ class PackedBatches:
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
+            **global_position(self.epoch, self.batch_index, self.batch_size, self.world_size),
             "seed": self.seed,
             "num_windows": self.num_windows,
-            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,9 +102,46 @@ class PackedBatches:
                 f"the checkpoint's data position is for {state['num_windows']} windows with seed {state['seed']}, "
                 f"this data has {self.num_windows} with seed {self.seed}: the data or data.seq_len changed"
             )
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"the checkpoint was written by {state['world_size']} ranks, this run has {self.world_size}")
-        self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None
+        self.epoch, self.batch_index = resume_position(state, self.batch_size, self.world_size, self.batches_per_epoch)
+        self._order = None
+
+
+def global_position(epoch: int, batch_index: int, batch_size: int, world_size: int) -> dict:
+    """A loader's position in terms of the whole job: the epoch and the samples all ranks consumed in it.
+
+    Rank ``r`` of ``W`` takes every ``W``-th item of the epoch's order, so after ``b`` batches of
+    ``B`` the ranks together consumed exactly the first ``b * B * W`` items: the position any
+    other world size (or batch size) continues from.
+    """
+    return {
+        "epoch": epoch,
+        "batch_index": batch_index,
+        "samples": batch_index * batch_size * world_size,
+        "batch_size": batch_size,
+        "world_size": world_size,
+    }
+
+
+def resume_position(state: dict, batch_size: int, world_size: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch index) of this loader that continue at the saved global sample.
+
+    Refuses a position that the new global batch (``batch_size * world_size``) does not divide,
+    since no batch index would continue there without skipping or repeating an item.
+    """
+    samples = state.get("samples", state["batch_index"] * state.get("batch_size", batch_size) * state["world_size"])
+    global_batch = batch_size * world_size
+    if samples % global_batch:
+        raise ValueError(
+            f"the checkpoint stopped after {samples} samples of epoch {state['epoch']} "
+            f"({state['world_size']} ranks x batch {state.get('batch_size', '?')}); {world_size} ranks x batch "
+            f"{batch_size} = {global_batch} per step cannot continue there exactly: choose a global batch that divides it"
+        )
+    index = samples // global_batch
+    if index >= batches_per_epoch:
+        raise ValueError(
+            f"the checkpoint's position ({samples} samples) is past this loader's epoch of {batches_per_epoch} steps"
+        )
+    return state["epoch"], index
 
 
 def spread_sample(n: int, k: int, seed: int = 0) -> np.ndarray:

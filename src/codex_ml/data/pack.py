@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from codex_ml.data.fim import FimSettings, fim_encode
+from codex_ml.data.workers import ordered_map
 from codex_ml.errors import CodexError
 
 MANIFEST = "manifest.json"
@@ -73,17 +73,10 @@ def _batches(docs: Iterable[tuple[str, str]], max_chars: int = 1 << 20) -> Itera
 def tokenize_documents(
     docs: Iterable[tuple[str, str]], tokenizer_file: Path, num_workers: int, fim: FimSettings | None = None
 ) -> Iterator[list[int]]:
-    """Token ids of each (id, text) document, in order; ``num_workers`` processes (0: this one)."""
-    if num_workers == 0:
-        _init_worker(str(tokenizer_file), fim)
-        for batch in _batches(docs):
-            yield from _encode_batch(batch)
-        return
-    # spawn: forking a process that holds torch's and tokenizers' thread pools is unsafe
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_file), fim)) as pool:
-        for encoded in pool.imap(_encode_batch, _batches(docs)):
-            yield from encoded
+    """Token ids of each (id, text) document, in order; ``num_workers`` processes (0: this one), with a bounded
+    number of batches in flight, so the documents stream through."""
+    for encoded in ordered_map(_encode_batch, _batches(docs), num_workers, _init_worker, (str(tokenizer_file), fim)):
+        yield from encoded
 
 
 # ---------------------------------------------------------------- shards
@@ -97,35 +90,67 @@ class SplitStats:
 
 
 def write_split(
-    token_lists: Iterable[list[int]], directory: Path, split: str, eos_id: int, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS
+    token_lists: Iterable[Sequence[int] | np.ndarray],
+    directory: Path,
+    split: str,
+    eos_id: int,
+    dtype: np.dtype,
+    shard_tokens: int = SHARD_TOKENS,
 ) -> SplitStats:
-    """Concatenate documents (each followed by ``eos_id``) into shards named ``{split}_NNNNN.bin``."""
+    """Concatenate documents (each followed by ``eos_id``) into shards named ``{split}_NNNNN.bin``; a shard ends
+    after the document that brings it to ``shard_tokens``. Each document goes to disk as it comes, so memory does
+    not grow with the split."""
     shards: list[dict] = []
-    buffer: list[np.ndarray] = []
-    buffered = documents = tokens = 0
+    documents = tokens = 0
+    out, digest, in_shard = None, hashlib.sha256(), 0
 
-    def flush() -> None:
-        nonlocal buffer, buffered
-        if not buffered:
+    def close() -> None:
+        nonlocal out, digest, in_shard
+        if out is None:
             return
-        array = np.concatenate(buffer).astype(dtype, copy=False)
-        name = f"{split}_{len(shards):05d}.bin"
-        array.tofile(directory / name)
-        shards.append({"file": name, "tokens": int(array.size), "sha256": hashlib.sha256(array.tobytes()).hexdigest()})
-        buffer, buffered = [], 0
+        out.close()
+        shards.append({"file": f"{split}_{len(shards):05d}.bin", "tokens": in_shard, "sha256": digest.hexdigest()})
+        out, digest, in_shard = None, hashlib.sha256(), 0
 
     for ids in token_lists:
-        arr = np.empty(len(ids) + 1, dtype=np.int64)
+        arr = np.empty(len(ids) + 1, dtype=dtype)
         arr[:-1] = ids
         arr[-1] = eos_id
-        buffer.append(arr)
-        buffered += arr.size
+        if out is None:
+            out = open(directory / f"{split}_{len(shards):05d}.bin", "wb")  # noqa: SIM115 (closed by close())
+        data = arr.tobytes()
+        out.write(data)
+        digest.update(data)
+        in_shard += arr.size
         documents += 1
         tokens += arr.size
-        if buffered >= shard_tokens:
-            flush()
-    flush()
+        if in_shard >= shard_tokens:
+            close()
+    close()
     return SplitStats(documents, tokens, shards)
+
+
+def save_token_stream(token_lists: Iterable[Sequence[int]], directory: Path, split: str, dtype: np.dtype) -> int:
+    """A split's documents as one shard of a distributed run holds them before the merge: ``{split}.tokens``
+    (every document's ids, no end-of-text) and ``{split}.lengths`` (uint64 per document). Returns the count."""
+    directory.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(directory / f"{split}.tokens", "wb") as tokens, open(directory / f"{split}.lengths", "wb") as lengths:
+        for ids in token_lists:
+            tokens.write(np.asarray(ids, dtype=dtype).tobytes())
+            lengths.write(np.uint64(len(ids)).tobytes())
+            count += 1
+    return count
+
+
+def read_token_streams(directories: Iterable[Path], split: str, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The documents ``save_token_stream`` wrote, shard after shard, read a document at a time (no memory map:
+    its pages would count towards the process's resident memory)."""
+    for directory in directories:
+        lengths = np.fromfile(directory / f"{split}.lengths", dtype=np.uint64)
+        with open(directory / f"{split}.tokens", "rb") as f:
+            for n in lengths:
+                yield np.frombuffer(f.read(int(n) * dtype.itemsize), dtype=dtype)
 
 
 def read_manifest(directory: Path) -> dict:

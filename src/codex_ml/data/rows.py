@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from codex_ml.data.labels import IGNORE_INDEX
-from codex_ml.data.loader import spread_sample
+from codex_ml.data.loader import global_position, resume_position, spread_sample
 from codex_ml.data.sft import Example
 
 PAD_SEGMENT = -1
@@ -137,17 +137,16 @@ class RowBatches:
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
+            **global_position(self.epoch, self.batch_index, self.batch_size, self.world_size),
             "seed": self.seed,
             "num_windows": self.num_windows,
-            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_windows"] != self.num_windows or state["seed"] != self.seed:
             raise ValueError("the checkpoint's data position is for other data: the examples or data.seq_len changed")
-        self.epoch, self.batch_index, self._order = state["epoch"], state["batch_index"], None
+        self.epoch, self.batch_index = resume_position(state, self.batch_size, self.world_size, self.batches_per_epoch)
+        self._order = None
 
 
 def eval_row_batches(

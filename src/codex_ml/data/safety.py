@@ -8,7 +8,6 @@ them all and runs here. A document the scan fails on is skipped with the reason 
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,7 @@ from codex_ml.data.clean import Document
 from codex_ml.data.decontaminate import BenchmarkItem, ContaminationIndex
 from codex_ml.data.near_dedup import DedupIndex, MinHasher, MinHashSettings, cluster_keep, content_key
 from codex_ml.data.redact import RedactionError, placeholders_with, redact_document
+from codex_ml.data.workers import ordered_map
 
 
 @dataclass(frozen=True)
@@ -168,15 +168,9 @@ def _batches(docs: list[Document], max_chars: int = 1 << 19) -> Iterator[list[st
 
 
 def _scan_all(docs: list[Document], settings: SafetySettings, items: list[BenchmarkItem], num_workers: int) -> Iterable[_Scanned]:
-    if num_workers == 0 or len(docs) < 2:
-        scanner = _Scanner(settings, items)
-        for d in docs:
-            yield scanner.scan(d.text)
-        return
-    ctx = multiprocessing.get_context("spawn")  # as in pack.py: no fork of a process holding thread pools
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(settings, items)) as pool:
-        for scanned in pool.imap(_scan_batch, _batches(docs)):
-            yield from scanned
+    workers = 0 if len(docs) < 2 else num_workers
+    for scanned in ordered_map(_scan_batch, _batches(docs), workers, _init_worker, (settings, items)):
+        yield from scanned
 
 
 def make_safe(
@@ -235,30 +229,50 @@ def _drop_near_duplicates(
     report: SafetyReport,
     index_dir: Path | None,
 ) -> list[Document]:
+    has_sig = [i for i, s in enumerate(signatures) if s is not None]
+    present = [s for s in signatures if s is not None]
+    sigs = np.stack(present) if present else np.zeros((0, minhash.num_perm), dtype=np.uint32)
+    keep = near_duplicate_keep(
+        [docs[i].id for i in has_sig],
+        [content_key(docs[i].id, docs[i].text) for i in has_sig],
+        sigs,
+        {d.id for d in docs},
+        minhash,
+        index_dir,
+    )
+    drop = {has_sig[j] for j in range(len(has_sig)) if not keep[j]}
+    report.near_duplicates = len(drop)
+    return [d for i, d in enumerate(docs) if i not in drop]
+
+
+def near_duplicate_keep(
+    ids: list[str],
+    keys: list[str],
+    sigs: np.ndarray,
+    current_ids: set[str],
+    minhash: MinHashSettings,
+    index_dir: Path | None,
+) -> np.ndarray:
+    """Which of the documents with MinHash signatures ``sigs`` (their ``ids`` and ``content_key``s) to keep,
+    against each other and the index of earlier runs in ``index_dir`` (updated there); ``current_ids``: every
+    document of this corpus, signed or not (an index entry for one of them is that document)."""
     index = DedupIndex.load(index_dir, minhash) if index_dir else DedupIndex.empty(minhash)
-    keys = [content_key(d.id, d.text) for d in docs]
-    current_ids = {d.id for d in docs}
     earlier = set(zip(index.ids, index.keys))
     # an index entry for a document of this corpus is that document (its current version wins); the others
     # are documents an earlier run kept, which later files are deduplicated against
     outside = [i for i, doc_id in enumerate(index.ids) if doc_id not in current_ids]
-    has_sig = [i for i, s in enumerate(signatures) if s is not None]
-    n_cur = len(has_sig)
-    sigs = (
-        np.stack([signatures[i] for i in has_sig] + [index.signatures[i] for i in outside])
-        if has_sig or outside
-        else np.zeros((0, minhash.num_perm), dtype=np.uint32)
-    )
-    all_keys = [keys[i] for i in has_sig] + [index.keys[i] for i in outside]
-    prior = np.array([(docs[i].id, keys[i]) in earlier for i in has_sig] + [True] * len(outside), dtype=bool)
-    result = cluster_keep(sigs, all_keys, minhash.threshold, prior)
-    drop = {has_sig[j] for j in range(n_cur) if not result.keep[j]}
-    report.near_duplicates = len(drop)
-    kept = [d for i, d in enumerate(docs) if i not in drop]
+    n_cur = len(ids)
+    all_sigs = np.concatenate([sigs, index.signatures[outside]]) if outside else sigs
+    all_keys = list(keys) + [index.keys[i] for i in outside]
+    prior = np.array([(i, k) in earlier for i, k in zip(ids, keys)] + [True] * len(outside), dtype=bool)
+    result = cluster_keep(all_sigs, all_keys, minhash.threshold, prior)
+    keep = result.keep[:n_cur]
     if index_dir is not None:
-        kept_rows = [j for j in range(n_cur) if result.keep[j]]
-        ids = [docs[has_sig[j]].id for j in kept_rows] + [index.ids[i] for i in outside]
-        new_keys = [keys[has_sig[j]] for j in kept_rows] + [index.keys[i] for i in outside]
-        rows = np.concatenate([sigs[kept_rows], sigs[n_cur:]]) if len(sigs) else sigs
-        DedupIndex(ids, new_keys, rows.astype(np.uint32), minhash).save(index_dir)
-    return kept
+        kept_rows = np.flatnonzero(keep)
+        DedupIndex(
+            [ids[j] for j in kept_rows] + [index.ids[i] for i in outside],
+            [keys[j] for j in kept_rows] + [index.keys[i] for i in outside],
+            np.concatenate([all_sigs[kept_rows], all_sigs[n_cur:]]).astype(np.uint32),
+            minhash,
+        ).save(index_dir)
+    return keep

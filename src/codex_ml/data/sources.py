@@ -7,6 +7,7 @@ the prepared-data cache without reading every byte.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import json
@@ -204,10 +205,37 @@ class HFDiskSource:
                 yield RawDocument(doc_id, text, len(text.encode("utf-8", "surrogatepass")))
 
 
-def open_source(
-    source: str, paths: list[str], patterns: list[str], text_field: str, id_field: str | None
-) -> FileSource | JsonlSource | HFDiskSource:
-    """The source named by ``data.source``."""
+def shard_range(count: int, rank: int, world_size: int) -> range:
+    """The ``rank``-th of ``world_size`` contiguous, near-equal slices of ``count`` items: shards in rank order
+    give the items in their order, which is what lets the merged output equal a single process's."""
+    return range(count * rank // world_size, count * (rank + 1) // world_size)
+
+
+def source_shard(source: FileSource | JsonlSource | HFDiskSource, rank: int, world_size: int) -> FileSource | JsonlSource:
+    """The part of ``source`` that task ``rank`` of ``world_size`` reads: a contiguous run of its files."""
+    if not isinstance(source, (FileSource, JsonlSource)):
+        raise DataSourceError("a sharded (datatrove) run reads files: data.source=hf_disk or a plugin's needs data.engine=local")
+    part = [source.files[i] for i in shard_range(len(source.files), rank, world_size)]
+    shard = copy.copy(source)
+    shard.files = part
+    return shard
+
+
+def source_bytes(source: FileSource | JsonlSource | HFDiskSource) -> int | None:
+    """The size of the source's files (what progress bars count towards); None when not known cheaply."""
+    if not isinstance(source, (FileSource, JsonlSource)):  # a local dataset, or a plugin's source
+        return None
+    total = 0
+    for _, path in source.files:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass  # an unreadable file: counted as a skipped document, not here
+    return total
+
+
+def open_source(source: str, paths: list[str], patterns: list[str], text_field: str, id_field: str | None) -> Any:
+    """The source named by ``data.source``: a built-in (FileSource, JsonlSource, HFDiskSource) or a plugin's."""
     if source == "stdlib":
         return FileSource(stdlib_files(), f"the Python standard library at {stdlib_root()}")
     if source == "files":
@@ -216,4 +244,6 @@ def open_source(
         return JsonlSource(paths, text_field, id_field)
     if source == "hf_disk":
         return HFDiskSource(paths, text_field, id_field)
-    raise DataSourceError(f"unknown data.source {source!r}")
+    from codex_ml import plugins  # a plugin's source: data.source=NAME of an entry point in codex_ml.data_sources
+
+    return plugins.open_data_source(source, paths, patterns, text_field, id_field)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from codex_ml.data.secrets import mask_secrets
 from codex_ml.errors import CodexError
 from codex_ml.eval.sandbox import Outcome, Sandbox, SandboxWarning
 
@@ -126,6 +127,18 @@ def judge_samples(
         finally:
             bar.close()
     return [_result(sample, outcome, label) for sample, outcome in zip(samples, outcomes)]
+
+
+def samples_jsonl(results: Iterable[dict], redact: bool = True) -> str:
+    """The judged samples as ``eval/samples.jsonl`` holds them, one JSON object a line. ``redact``: secrets in
+    each completion and verdict masked by the detector the data pipeline and the server use
+    (``[REDACTED:<kind>]``), so a model that learned a key does not leak it into the run folder."""
+    lines = []
+    for r in results:
+        if redact:
+            r = {k: mask_secrets(v)[0] if k in ("completion", "result") and isinstance(v, str) else v for k, v in r.items()}
+        lines.append(json.dumps(r) + "\n")
+    return "".join(lines)
 
 
 def estimate_pass_at_k(num_samples: int | Iterable[int], num_correct: Iterable[int], k: int) -> np.ndarray:

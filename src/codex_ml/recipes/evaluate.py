@@ -28,6 +28,7 @@ from tqdm import tqdm
 from codex_ml.conf.schema import DataConfig, EvaluateConfig, TrainConfig
 from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
+from codex_ml.eval.humaneval import samples_jsonl
 from codex_ml.eval.loss import evaluate_loss
 from codex_ml.models.hf import context_length
 from codex_ml.recipes.checkpoints import find_checkpoint, load_checkpoint_model
@@ -45,8 +46,11 @@ def run_config(run_dir: Path) -> TrainConfig:
     if not path.exists():
         raise CodexError(f"{run_dir} is not a run folder: no {CONFIG_FILE}")
     schema = OmegaConf.structured(TrainConfig)
+    # an alignment run's config adds its objective's section (grpo:, dpo:, reward:) to training's: what
+    # evaluation needs of a run is the TrainConfig part of it
+    loaded = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k in schema}
     # merged onto the structured schema, to_object gives a TrainConfig; the stubs type every container kind
-    return cast(TrainConfig, OmegaConf.to_object(OmegaConf.merge(schema, yaml.safe_load(path.read_text()))))
+    return cast(TrainConfig, OmegaConf.to_object(OmegaConf.merge(schema, loaded)))
 
 
 def _forward(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
@@ -188,7 +192,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
         out = run_dir / EVAL_DIR
         out.mkdir(exist_ok=True)
         _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-        _write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        _write_atomic(out / "samples.jsonl", samples_jsonl(samples, cfg.redact_output))
         _write_atomic(out / "summary.csv", summary_csv(results))
         figures = {
             (k if task == "loss" else f"{task}/{k}"): v

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from codex_ml.conf.schema import GenerateConfig
 from codex_ml.data.fim import fim_prompt
+from codex_ml.data.secrets import mask_secrets
 from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
 from codex_ml.recipes.checkpoints import load_run_model
@@ -44,4 +45,6 @@ def generate_command(cfg: GenerateConfig) -> None:
     for i, c in enumerate(completions):
         if cfg.n > 1:
             print(f"# sample {i + 1}/{cfg.n} ({c.finish_reason})")
-        print(prompt + c.text + (cfg.suffix or ""))
+        # the completion masked alone: the prompt and suffix are the user's own text
+        text = mask_secrets(c.text)[0] if cfg.redact_output else c.text
+        print(prompt + text + (cfg.suffix or ""))

@@ -3,8 +3,12 @@
 Cache keys: the cleaned corpus is keyed by the source's fingerprint and the cleaning and split
 settings; the tokenizer by that plus the tokenizer settings; the shards by the corpus key plus
 the tokenizer's SHA-256; fine-tuning rows by the record files, the SFT encoder's fingerprint (tokenizer and
-chat template) and the row settings. Each cache entry is written to a temporary folder and renamed into place,
+chat template) and the row settings. Each cache entry is built in a work folder and renamed into place,
 so an interrupted run never leaves a half entry behind.
+
+The stages themselves (``data/stages.py``) stream through that work folder: here in this process and
+``data.num_workers`` workers (``data.engine=local``), or as datatrove tasks over shards of the input
+(``data.engine=datatrove`` / ``datatrove_slurm``, ``data/engine.py``); both give the same bytes.
 """
 
 from __future__ import annotations
@@ -13,40 +17,52 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from codex_ml.conf.schema import DataConfig, TokenizerConfig
-from codex_ml.data.clean import CleaningConfig, CleaningReport, Document, clean_documents
+from codex_ml.data.clean import CleaningConfig, CleaningReport
 from codex_ml.data.decontaminate import BenchmarkError, load_benchmarks
-from codex_ml.data.fim import FimSettings
 from codex_ml.data.near_dedup import MinHashSettings
-from codex_ml.data.pack import FORMAT_VERSION, MANIFEST, read_manifest, token_dtype, tokenize_documents, write_split
+from codex_ml.data.pack import FORMAT_VERSION, MANIFEST, read_manifest, write_split
 from codex_ml.data.redact import placeholders_with
 from codex_ml.data.rows import Rows, pack_examples, truncate
-from codex_ml.data.safety import SafetyReport, SafetySettings, make_safe
-from codex_ml.data.sources import open_source
-from codex_ml.data.split import hash_fraction, is_validation, split_documents
-from codex_ml.errors import CodexError
+from codex_ml.data.safety import SafetyReport, SafetySettings
+from codex_ml.data.sources import open_source, source_bytes
+from codex_ml.data.split import is_validation
+from codex_ml.data.stages import (
+    DECISIONS,
+    OUTPUT_DIR,
+    REDACTIONS,
+    SCAN_DIR,
+    TOKENIZER_DIR,
+    DataError,
+    Decisions,
+    PipelineSpec,
+    ScanSettings,
+    decide_stage,
+    fim_settings,
+    output_stage,
+    pick_sample,
+    save_tokenizer,
+    scan_shard,
+    token_dtype_of,
+    tokenize_split,
+    work_tokenizer,
+)
 from codex_ml.models.loss import IGNORE_INDEX
-from codex_ml.tokenizer.core import TOKENIZER_FILE, CodeTokenizer, SpecialTokens
-from codex_ml.tokenizer.train import train_tokenizer
+from codex_ml.tokenizer.core import TOKENIZER_FILE, CodeTokenizer
 
 if TYPE_CHECKING:
+    from codex_ml.data.clean import Document
     from codex_ml.data.sft import Example
 
-_T = TypeVar("_T")
-
-
-class DataError(CodexError):
-    """Data that cannot be trained on: missing paths, nothing left after cleaning."""
+__all__ = ["DataError", "PreparedData", "PreparedRows", "cache_root", "prepare_data", "prepare_sft", "tokenizer_sample"]
 
 
 @dataclass
@@ -89,27 +105,14 @@ def _safety_settings(data: DataConfig) -> SafetySettings:
     )
 
 
-REDACTIONS, CONTAMINATION = "redactions.jsonl", "contamination.jsonl"  # beside the manifest
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def content_sha256(docs: list[Document]) -> str:
-    """The dataset's content hash (``data.expected_sha256``): every cleaned document's id and text, in order."""
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(f"{len(d.id)}:{d.id}{len(d.text)}:".encode())
-        h.update(d.text.encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
+def tokenizer_sample(docs: list[Document], train_bytes: int) -> list[str]:
+    """About ``train_bytes`` of UTF-8 text from ``docs``, the sample the tokenizer trains on (``stages.pick_sample``)."""
+    sizes = [len(d.text.encode("utf-8", "surrogatepass")) for d in docs]
+    return [docs[i].text for i in pick_sample([d.id for d in docs], sizes, train_bytes)]
 
 
 class _Corpus:
-    """Reads, cleans and splits the source once, on first use."""
+    """The source and every setting its prepared data depends on, checked (and the benchmarks read) up front."""
 
     def __init__(self, data: DataConfig, log: Callable[[str], None]) -> None:
         try:
@@ -136,10 +139,6 @@ class _Corpus:
             hashlib.sha256(json.dumps(benchmarks).encode()).hexdigest(),
             data.expected_sha256,
         )
-        self._split: tuple[list[Document], list[Document]] | None = None
-        self.report = CleaningReport()
-        self.safety_report = SafetyReport()
-        self.redactions: list[dict] = []
 
     def index_dir(self) -> Path:
         """The near-dedup index of this source (its paths, not their content): later runs over the same folders
@@ -151,41 +150,21 @@ class _Corpus:
             / _key(d.source, list(d.paths), list(d.patterns), d.text_field, d.id_field, asdict(self.safety.minhash))
         )
 
-    def split(self) -> tuple[list[Document], list[Document]]:
-        if self._split is None:
-            self.log(f"reading {self.source.description}")
-            try:
-                docs = list(clean_documents(self.source, _cleaning_config(self.data), self.report))
-            except ValueError as e:  # a malformed record in a jsonl file, a dataset without the text column
-                raise DataError(str(e)) from None
-            self.log(self.report.summary())
-            if not docs:
-                raise DataError(
-                    f"no documents left after cleaning {self.source.description}: "
-                    + "; ".join(self.report.summary().splitlines()[1:])
-                )
-            self.content_sha256 = content_sha256(docs)
-            if self.data.expected_sha256 and self.content_sha256 != self.data.expected_sha256:
-                raise DataError(
-                    f"{self.source.description}: content hash {self.content_sha256} differs from the "
-                    f"expected data.expected_sha256={self.data.expected_sha256}"
-                )
-            docs = make_safe(
-                docs,
-                self.safety,
-                self.benchmark_items,
-                self.data.num_workers,
-                self.safety_report,
-                self.redactions,
-                self.index_dir() if self.safety.near_dedup else None,
-            )
-            self.log(self.safety_report.summary(self.data.redact_report))
-            if self.data.redact_report:
-                _write_jsonl(Path(self.data.redact_report).expanduser(), self.redactions)
-            if not docs:
-                raise DataError(f"no documents left after redaction, decontamination and near-dedup of {self.source.description}")
-            self._split = split_documents(docs, self.data.val_fraction)
-        return self._split
+    def spec(self, tokenizer_dir: Path | None, tok: TokenizerConfig) -> PipelineSpec:
+        d = self.data
+        return PipelineSpec(
+            (d.source, list(d.paths), list(d.patterns), d.text_field, d.id_field),
+            ScanSettings(_cleaning_config(d), self.safety, tuple(self.benchmark_items)),
+            d.val_fraction,
+            self.source.description,
+            self.source.fingerprint(),
+            self.index_dir() if self.safety.near_dedup else None,
+            d.expected_sha256,
+            tokenizer_dir,
+            tok,
+            (d.fim_rate, d.fim_mode, d.fim_spm_rate),
+            d.num_workers,
+        )
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -198,67 +177,87 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokenizer(corpus: _Corpus, tok: TokenizerConfig, root: Path, log: Callable[[str], None]) -> tuple[CodeTokenizer, Path]:
+def _tokenizer_settings(tok: TokenizerConfig) -> dict:
+    return {k: v for k, v in asdict(tok).items() if k not in ("path", "padding_side", "truncation_side", "model_max_length")}
+
+
+def _known_tokenizer(corpus: _Corpus, tok: TokenizerConfig, root: Path, given: Path | None) -> Path | None:
+    """The tokenizer to use without training one: the given one, ``tokenizer.path``, or the cached one."""
+    if given is not None:
+        return Path(given)
     if tok.path:
-        return CodeTokenizer.load(tok.path), Path(tok.path)
-    settings = {k: v for k, v in asdict(tok).items() if k not in ("path", "padding_side", "truncation_side", "model_max_length")}
-    final = root / "tokenizers" / _key(corpus.key, settings)
-    if (final / TOKENIZER_FILE).exists():
-        log(f"tokenizer: reusing {final}")
-        return CodeTokenizer.load(final), final
-    train, _ = corpus.split()
-    texts = tokenizer_sample(train, tok.train_bytes)
-    start = time.time()
-    log(
-        f"tokenizer: training {tok.kind} with {tok.vocab_size} tokens on {len(texts)} documents"
-        + (f" (a sample of {len(train)}, tokenizer.train_bytes={tok.train_bytes:,})" if len(texts) < len(train) else "")
+        return Path(tok.path)
+    cached = root / "tokenizers" / _key(corpus.key, _tokenizer_settings(tok))
+    return cached if (cached / TOKENIZER_FILE).exists() else None
+
+
+def _entry(root: Path, corpus: _Corpus, tokenizer: CodeTokenizer) -> Path:
+    d = corpus.data
+    return root / "data" / _key(corpus.key, tokenizer.sha256(), fim_settings(d.fim_rate, d.fim_mode, d.fim_spm_rate, tokenizer))
+
+
+def _work_dir(root: Path, corpus: _Corpus, tok: TokenizerConfig, tokenizer_dir: Path | None) -> Path:
+    d = corpus.data
+    tokenizer = CodeTokenizer.load(tokenizer_dir).sha256() if tokenizer_dir else _tokenizer_settings(tok)
+    engine = (d.engine, d.engine_workers if d.engine != "local" else 0)
+    return root / "work" / _key(corpus.key, tokenizer, d.fim_rate, d.fim_mode, d.fim_spm_rate, engine)
+
+
+def _log_decisions(decisions: Decisions | dict, data: DataConfig, log: Callable[[str], None]) -> None:
+    cleaning, safety = (
+        (decisions.cleaning, decisions.safety)
+        if isinstance(decisions, Decisions)
+        else (CleaningReport.from_dict(decisions["cleaning"]), SafetyReport.from_dict(decisions["safety"]))
     )
-    specials = SpecialTokens(
-        tok.eos_token,
-        tok.pad_token,
-        tok.fim_prefix_token,
-        tok.fim_middle_token,
-        tok.fim_suffix_token,
-        tok.fim_pad_token,
-        list(tok.extra_special_tokens),
-    )
-    trained = train_tokenizer(tok.kind, texts, tok.vocab_size, specials, tok.min_frequency)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tokenizer(trained, tmp, tok)
+    log(cleaning.summary())
+    log(safety.summary(data.redact_report))
+
+
+def _run_local(work: Path, corpus: _Corpus, spec: PipelineSpec, log: Callable[[str], None], tokenizer_only: bool = False) -> None:
+    """Every stage in this process (and ``data.num_workers`` workers), on the whole source as one shard."""
+    shutil.rmtree(work, ignore_errors=True)  # a local run never resumes a half-done work folder
+    spool = work / SCAN_DIR / "00000"
+    scan_shard(corpus.source, spec.scan, spec.num_workers, spool, source_bytes(corpus.source))
+    decisions = decide_stage(work, spec, log)
+    _log_decisions(decisions, corpus.data, log)
+    if tokenizer_only:
+        return
+    tokenizer, directory, fim = work_tokenizer(work, spec)
+    dtype = token_dtype_of(tokenizer)
+    splits = {
+        split: write_split(
+            tokenize_split([spool], split, directory / TOKENIZER_FILE, spec.num_workers, fim, decisions.bytes[split]),
+            work / OUTPUT_DIR,
+            split,
+            tokenizer.eos_id,
+            dtype,
+        )
+        for split in ("train", "val")
+    }
+    output_stage(work, spec, splits)
+
+
+def _publish_tokenizer(work: Path, corpus: _Corpus, tok: TokenizerConfig, root: Path) -> Path:
+    final = root / "tokenizers" / _key(corpus.key, _tokenizer_settings(tok))
     final.parent.mkdir(parents=True, exist_ok=True)
-    _publish(tmp, final)
-    log(f"tokenizer: {len(trained)} tokens in {time.time() - start:.1f}s")
-    return CodeTokenizer.load(final), final
-
-
-def tokenizer_sample(docs: list[Document], train_bytes: int) -> list[str]:
-    """About ``train_bytes`` of UTF-8 text from ``docs`` (the last document may cross it), a sample spread over the
-    whole corpus rather than its first files: documents taken by a stable hash of their id, so the sample is the
-    same on every run and does not depend on the order of the files."""
-    sizes = [len(d.text.encode("utf-8", "surrogatepass")) for d in docs]
-    if sum(sizes) <= train_bytes:
-        return [d.text for d in docs]
-    # the documents in the order of their hash, up to the budget; then back in the corpus's order
-    by_hash = sorted(range(len(docs)), key=lambda i: hash_fraction("tokenizer:" + docs[i].id))
-    picked, budget = [], train_bytes
-    for i in by_hash:
-        if budget <= 0:
-            break
-        picked.append(i)
-        budget -= sizes[i]
-    return [docs[i].text for i in sorted(picked)]
-
-
-def save_tokenizer(tokenizer: CodeTokenizer, directory: Path, tok: TokenizerConfig) -> None:
-    extra = [tok.fim_prefix_token, tok.fim_middle_token, tok.fim_suffix_token, tok.fim_pad_token, *tok.extra_special_tokens]
-    tokenizer.save(directory, extra, tok.model_max_length, tok.padding_side, tok.truncation_side)
+    _publish(work / TOKENIZER_DIR, final)
+    return final
 
 
 def train_tokenizer_only(data: DataConfig, tok: TokenizerConfig, out: Path, log: Callable[[str], None] = print) -> CodeTokenizer:
     """`codex-ml tokenizer`: train (or reuse from the cache) and save into ``out``."""
     corpus = _Corpus(data, log)
-    tokenizer, cached = _tokenizer(corpus, tok, cache_root(data), log)
+    root = cache_root(data)
+    cached = _known_tokenizer(corpus, tok, root, None)
+    if cached is not None:
+        log(f"tokenizer: reusing {cached}")
+    else:
+        work = _work_dir(root, corpus, tok, None).with_suffix(".tokenizer")
+        log(f"reading {corpus.source.description}")
+        _run_local(work, corpus, corpus.spec(None, tok), log, tokenizer_only=True)
+        cached = _publish_tokenizer(work, corpus, tok, root)
+        shutil.rmtree(work, ignore_errors=True)
+    tokenizer = CodeTokenizer.load(cached)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(cached, out)
@@ -276,88 +275,64 @@ def prepare_data(
     training or loading one from ``tok``.
     """
     root = cache_root(data)
-    corpus = _Corpus(data, log)
-    if tokenizer_dir is not None:
-        tokenizer = CodeTokenizer.load(tokenizer_dir)
-    else:
-        tokenizer, tokenizer_dir = _tokenizer(corpus, tok, root, log)
-    fim = fim_settings(data, tokenizer)
-    final = root / "data" / _key(corpus.key, tokenizer.sha256(), fim)
-    if (final / MANIFEST).exists():
-        manifest = read_manifest(final)
-        log(f"data: reusing {final}")
-        log(CleaningReport.from_dict(manifest["cleaning"]).summary())
-        log(SafetyReport.from_dict(manifest["safety"]).summary(data.redact_report))
-        if data.redact_report:  # the findings of the run that made the entry
-            shutil.copyfile(final / REDACTIONS, Path(data.redact_report).expanduser())
-        return PreparedData(final, tokenizer, Path(tokenizer_dir), manifest)
+    if data.engine != "local":
+        from codex_ml.data.engine import check_available
 
-    train, val = corpus.split()
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dtype = token_dtype(len(tokenizer))
-    splits = {}
+        check_available()
+    corpus = _Corpus(data, log)
+    known = _known_tokenizer(corpus, tok, root, tokenizer_dir)
+    if known is not None:
+        tokenizer = CodeTokenizer.load(known)
+        final = _entry(root, corpus, tokenizer)
+        if (final / MANIFEST).exists():
+            return _reused(final, tokenizer, known, data, log)
+        if tokenizer_dir is None and not tok.path:
+            log(f"tokenizer: reusing {known}")
+    work = _work_dir(root, corpus, tok, known)
+    spec = corpus.spec(known, tok)
     start = time.time()
-    for name, docs in (("train", train), ("val", val)):
-        bar = tqdm(total=len(docs), desc=f"tokenizing {name}", unit="doc", disable=None, file=sys.stderr)
-        # fill-in-the-middle applies to training documents only: validation measures plain loss
-        token_lists = _counted(
-            tokenize_documents(
-                ((d.id, d.text) for d in docs), tokenizer_dir / TOKENIZER_FILE, data.num_workers, fim if name == "train" else None
-            ),
-            bar,
-        )
-        stats = write_split(token_lists, tmp, name, tokenizer.eos_id, dtype)
-        bar.close()
-        splits[name] = asdict(stats)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": len(tokenizer),
-        "eos_id": tokenizer.eos_id,
-        "tokenizer_sha256": tokenizer.sha256(),
-        "source": corpus.source.description,
-        "source_fingerprint": corpus.source.fingerprint(),
-        "splits": splits,
-        "cleaning": corpus.report.to_dict(),
-        "safety": corpus.safety_report.to_dict(),
-        "content_sha256": corpus.content_sha256,  # what data.expected_sha256 of a named dataset pins
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _write_jsonl(tmp / REDACTIONS, corpus.redactions)
-    _write_jsonl(tmp / CONTAMINATION, corpus.safety_report.contaminated)
-    manifest["sha256"] = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if not (work / OUTPUT_DIR / MANIFEST).exists():  # a Slurm run's jobs may have finished it since
+        log(f"reading {corpus.source.description}")
+        if data.engine == "local":
+            _run_local(work, corpus, spec, log)
+        else:
+            from codex_ml.data.engine import run_datatrove
+
+            run_datatrove(work, spec, data, log)
+            if not (work / OUTPUT_DIR / MANIFEST).exists():
+                raise DataError(
+                    f"data.engine={data.engine}: the jobs are submitted (logs in {work / 'logs'}); "
+                    "run the same command again once they have finished, and it picks up their output"
+                )
+            _log_decisions(json.loads((work / DECISIONS).read_text()), data, log)
+    if known is None:
+        known = _publish_tokenizer(work, corpus, tok, root)
+    tokenizer = CodeTokenizer.load(known)
+    final = _entry(root, corpus, tokenizer)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _publish(tmp, final)
+    _publish(work / OUTPUT_DIR, final)
+    shutil.rmtree(work, ignore_errors=True)
+    manifest = read_manifest(final)
+    if data.redact_report:
+        shutil.copyfile(final / REDACTIONS, Path(data.redact_report).expanduser())
+    splits = manifest["splits"]
     log(
         f"data: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens "
-        f"({splits['train']['documents']} / {splits['val']['documents']} documents, {dtype.name}) "
+        f"({splits['train']['documents']} / {splits['val']['documents']} documents, {manifest['dtype']}) "
         f"in {time.time() - start:.1f}s -> {final}"
     )
-    return PreparedData(final, tokenizer, Path(tokenizer_dir), read_manifest(final))
+    return PreparedData(final, tokenizer, known, manifest)
 
 
-def fim_settings(data: DataConfig, tokenizer: CodeTokenizer) -> FimSettings | None:
-    if data.fim_rate == 0:
-        return None
-    ids = tokenizer.fim_ids
-    missing = [role for role in ("prefix", "middle", "suffix") if ids[role] is None]
-    if missing:
-        raise DataError(
-            f"data.fim_rate={data.fim_rate} needs fill-in-the-middle tokens; the tokenizer has no "
-            f"{', '.join('fim_' + m for m in missing)} token"
-        )
-    prefix, middle, suffix = ids["prefix"], ids["middle"], ids["suffix"]
-    assert prefix is not None and middle is not None and suffix is not None  # checked just above
-    return FimSettings(data.fim_rate, data.fim_mode, data.fim_spm_rate, prefix, middle, suffix)
-
-
-def _counted(items: Iterable[_T], bar: tqdm) -> Iterator[_T]:
-    for item in items:
-        bar.update(1)
-        yield item
+def _reused(
+    final: Path, tokenizer: CodeTokenizer, tokenizer_dir: Path, data: DataConfig, log: Callable[[str], None]
+) -> PreparedData:
+    manifest = read_manifest(final)
+    log(f"data: reusing {final}")
+    _log_decisions(manifest, data, log)
+    if data.redact_report:  # the findings of the run that made the entry
+        shutil.copyfile(final / REDACTIONS, Path(data.redact_report).expanduser())
+    return PreparedData(final, tokenizer, tokenizer_dir, manifest)
 
 
 # ---------------------------------------------------------------- supervised fine-tuning rows
