@@ -314,6 +314,14 @@ class GPT(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
         self.reset_parameters()
 
+    def reset_buffers(self) -> None:
+        """Recompute the rotary tables in place (a model made on the meta device has none yet)."""
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
     def reset_parameters(self) -> None:
         std = self.config.init_std
         # GPT-2's scaling: residual projections shrink with depth so the stream's variance stays put.

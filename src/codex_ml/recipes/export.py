@@ -3,7 +3,9 @@
 Native weights become ``LlamaForCausalLM`` (the same architecture, names mapped one to one); a
 Hugging Face module is saved as what it is; a LoRA adapter is merged into its base first. The
 directory holds config.json, model.safetensors, generation_config.json and the run's tokenizer, and
-``AutoModelForCausalLM.from_pretrained(out)`` loads it offline.
+``AutoModelForCausalLM.from_pretrained(out)`` loads it offline. A reward run (its checkpoints hold
+``reward_head.safetensors``) is written as a one-label sequence classifier instead, which
+``AutoModelForSequenceClassification.from_pretrained(out)`` loads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from codex_ml.conf.schema import ExportConfig
 from codex_ml.errors import CodexError
 from codex_ml.models.gpt import GPT
+from codex_ml.models.reward import HEAD_WEIGHTS, SCORE_KEY, sequence_classifier
 from codex_ml.recipes.checkpoints import checkpoint_source, find_checkpoint, load_checkpoint_model
 from codex_ml.runs import TOKENIZER_DIR
 from codex_ml.tokenizer.core import CodeTokenizer
@@ -54,7 +57,8 @@ def write_hf_dir(model: PreTrainedModel, tokenizer_dir: Path, out: Path, dtype: 
         generation = GenerationConfig(eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id)
         generation.save_pretrained(str(tmp))
         for f in tokenizer_dir.iterdir():
-            if f.is_file():
+            # a fine-tuned run's tokenizer folder came from a model folder (its config.json too): the model's own files win
+            if f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
         if out.exists():
             shutil.rmtree(out)
@@ -72,6 +76,10 @@ def export_command(cfg: ExportConfig) -> None:
     model = load_checkpoint_model(run_dir, path, torch.device("cpu"))
     tokenizer = CodeTokenizer.load(run_dir / TOKENIZER_DIR)
     hf = to_hf_module(model, tokenizer)
+    if (path / HEAD_WEIGHTS).exists():  # a reward run: the decoder and its scalar head, as a sequence classifier
+        from safetensors.torch import load_file
+
+        hf = sequence_classifier(hf, load_file(str(path / HEAD_WEIGHTS))[SCORE_KEY], tokenizer.pad_id)
     write_hf_dir(hf, run_dir / TOKENIZER_DIR, Path(cfg.out), cfg.dtype)
     merged = " (LoRA adapter merged into its base)" if source.get("lora") else ""
     print(f"exported {path} as {type(hf).__name__}{merged} to {Path(cfg.out).expanduser().resolve()}")

@@ -8,6 +8,7 @@ itself. Each may be wrapped with LoRA. The bundle hides the differences from the
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,23 +16,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from codex_ml.conf.schema import ConfigError, TrainConfig
 from codex_ml.models.gpt import CONFIG_NAME, GPT, WEIGHTS_NAME, GPTConfig, document_block_mask
 from codex_ml.models.hf import context_length
 from codex_ml.models.loss import linear_cross_entropy, summed_token_loss
-from codex_ml.training.checkpoint import CheckpointError
+from codex_ml.training.checkpoint import (
+    BASE_WEIGHTS,
+    HF_CONFIG,
+    SOURCE_FILE,
+    find_native_weights,
+    hf_weight_files,
+    load_hf_weights,
+    load_native_weights,
+    native_weight_files,
+)
 from codex_ml.training.device import DTYPES
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
     from transformers import PreTrainedModel
 
-HF_CONFIG = "config.json"
-BASE_WEIGHTS = "base_model.safetensors"  # a LoRA run's frozen base, kept when no model.path has it
-SOURCE_FILE = "model_source.json"  # what a checkpoint's weights are: native, converted Llama, or an HF module
 # HF architectures whose logits are exactly lm_head(backbone(x)): the fused loss applies
 _FUSABLE = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "starcoder2", "gpt_bigcode", "phi3"}
 
@@ -54,6 +59,8 @@ class ModelBundle:
     native: GPT | None = None  # the native decoder inside, when there is one (generation, export)
     source: dict = field(default_factory=dict)
     supports_packing: bool = True
+    config_files: Callable[[], dict[str, bytes]] = dict  # the checkpoint's files besides the weights
+    on_meta: bool = False  # parameters not yet allocated (made for sharding: training/fsdp.py)
 
     @property
     def can_generate(self) -> bool:
@@ -172,85 +179,11 @@ def hf_loss_sum(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     return loss_sum
 
 
-# ------------------------------------------------------------------ weights in checkpoints
-
-
-def native_weight_files(model: GPT) -> dict[str, bytes]:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return {
-        WEIGHTS_NAME: save_safetensors(state, metadata={"format": "pt"}),
-        CONFIG_NAME: (json.dumps(model.config.to_dict(), indent=2) + "\n").encode(),
-    }
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_safetensors(path.read_bytes())
-    except Exception as e:  # safetensors raises its own error type for malformed headers
-        raise CheckpointError(f"{path}: cannot be read ({e})") from None
-
-
-def load_native_weights(model: GPT, directory: Path, weights_name: str = WEIGHTS_NAME) -> None:
-    """Load ``directory/weights_name``; every parameter must be there (bar a tied output head), nothing else."""
-    path = directory / weights_name
-    missing, unexpected = model.load_state_dict(_read_safetensors(path), strict=False)
-    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def _hf_weight_files(model: PreTrainedModel) -> dict[str, bytes]:
-    state = _drop_shared({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
-    return {
-        WEIGHTS_NAME: save_safetensors(state, metadata={"format": "pt"}),
-        HF_CONFIG: (model.config.to_json_string() + "\n").encode(),
-    }
-
-
-def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied embeddings): keep the first of each."""
-    seen, out = set(), {}
-    for k, v in state.items():
-        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else (k,)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v
-    return out
-
-
-def _load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
-    path = directory / WEIGHTS_NAME
-    missing, unexpected = model.load_state_dict(_read_safetensors(path), strict=False)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and "lm_head" in k)]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def find_native_weights(path: Path) -> Path:
-    """A native model's weights in a run folder (its newest checkpoint), or a folder holding them and their config."""
-    if (path / WEIGHTS_NAME).exists() and (path / CONFIG_NAME).exists():
-        return path
-    from codex_ml.training.checkpoint import latest_complete_checkpoint
-
-    found = latest_complete_checkpoint(path / "checkpoints")
-    if found is None or not (found.path / CONFIG_NAME).exists():
-        raise ConfigError(
-            "model.path",
-            f"{path} holds no native model ({WEIGHTS_NAME} with {CONFIG_NAME}), "
-            "nor a run folder with a complete checkpoint of one",
-        )
-    return found.path
-
-
 # ------------------------------------------------------------------ building
 
 
 def _base_model(
-    cfg: TrainConfig, vocab_size: int, dtype: torch.dtype, log: Callable[[str], None]
+    cfg: TrainConfig, vocab_size: int, dtype: torch.dtype, log: Callable[[str], None], on_meta: bool = False
 ) -> tuple[torch.nn.Module, GPT | None, dict]:
     """(the module, the native decoder when there is one, a description of where it came from)."""
     m = cfg.model
@@ -262,7 +195,8 @@ def _base_model(
             load_native_weights(model, src)
             log(f"model: continuing the native model in {src}")
             return model.to(dtype), model, {"kind": "native", "path": str(src)}
-        model = GPT(native_config(cfg, vocab_size)).to(dtype)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model = GPT(native_config(cfg, vocab_size)).to(dtype)
         return model, model, {"kind": "native", "path": None}
     from codex_ml.models.convert import ConversionError, gpt_config_from_llama, hf_to_native
     from codex_ml.models.hf import check_model_dir, hf_config, load_hf_causal_lm
@@ -289,10 +223,16 @@ def _base_model(
     return hf_model, None, {"kind": "hf", "path": str(path), "model_type": config.model_type}
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Callable[[str], None]) -> ModelBundle:
+def build_model(
+    cfg: TrainConfig, vocab_size: int, device: torch.device, log: Callable[[str], None], on_meta: bool = False
+) -> ModelBundle:
+    """The model ``cfg`` asks for on ``device``. ``on_meta``: a native model from scratch without LoRA
+    is made on the meta device, parameters unallocated, to be sharded and then materialised
+    (``training/fsdp.py``); ``bundle.on_meta`` says whether it was."""
     m, lo = cfg.model, cfg.lora
     dtype = DTYPES[m.dtype]
-    base, native, source = _base_model(cfg, vocab_size, dtype, log)
+    on_meta = on_meta and m.kind == "native" and not m.path and not lo.enabled
+    base, native, source = _base_model(cfg, vocab_size, dtype, log, on_meta)
     hf_module = native is None
     hf_base = cast("PreTrainedModel", base)  # what base is when there is no native decoder
     if native is None:
@@ -323,16 +263,26 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Ca
         files = lambda: {**adapter_files(module, hf_names=source["kind"] == "hf-native", base_path=source.get("path")), **frozen}
         load = lambda d: load_adapter(module, d, hf_names=source["kind"] == "hf-native")
     elif native is None:
-        files, load = (lambda: _hf_weight_files(hf_base)), (lambda d: _load_hf_weights(base, d))
+        files, load = (lambda: hf_weight_files(hf_base)), (lambda d: load_hf_weights(base, d))
     else:
         files, load = (lambda: native_weight_files(native)), (lambda d: load_native_weights(native, d))
-    module = module.to(device)
+    if not on_meta:
+        module = module.to(device)
+
+    def config_files() -> dict[str, bytes]:
+        """What a checkpoint says of its model besides the weights (under fsdp the weights are DCP shards)."""
+        config = (
+            (hf_base.config.to_json_string() + "\n").encode()
+            if native is None
+            else (json.dumps(native.config.to_dict(), indent=2) + "\n").encode()
+        )
+        source_record = {**source, "lora": lo.enabled, "adapter_hf_names": hf_names and lo.enabled}
+        source_json = (json.dumps(source_record, indent=2) + "\n").encode()
+        return {HF_CONFIG if native is None else CONFIG_NAME: config, SOURCE_FILE: source_json}
 
     def checkpoint_files() -> dict[str, bytes]:
         out = files()
-        out[SOURCE_FILE] = (
-            json.dumps({**source, "lora": lo.enabled, "adapter_hf_names": hf_names and lo.enabled}, indent=2) + "\n"
-        ).encode()
+        out.update(config_files())
         return out
 
     if native is None:
@@ -352,6 +302,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Ca
             native=None,
             source=source,
             supports_packing=False,
+            config_files=config_files,
         )
     c = native.config
     origin = f"from {source['path']}" if source.get("path") else m.preset
@@ -370,4 +321,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, log: Ca
         native.flops_per_token,
         native=native,
         source=source,
+        config_files=config_files,
+        on_meta=on_meta,
     )

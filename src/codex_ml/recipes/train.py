@@ -13,8 +13,11 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, Protocol, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -27,8 +30,8 @@ from codex_ml.errors import CodexError
 from codex_ml.eval.generate import SamplingSettings, generate
 from codex_ml.eval.loss import evaluate_loss
 from codex_ml.models.hf import DEFAULT_CONTEXT, check_model_dir
-from codex_ml.models.loss import SummedLossModule
-from codex_ml.recipes.models import ModelBundle, build_model, native_loss_sum
+from codex_ml.models.loss import SummedLossModule, summed_token_loss
+from codex_ml.recipes.models import ModelBundle, build_model, hf_forward, native_loss_sum
 from codex_ml.recipes.prepare import PreparedData, PreparedRows, cache_root, prepare_data, prepare_sft
 from codex_ml.repro import environment, rng_state, seed_everything, set_deterministic, set_rng_state
 from codex_ml.runs import (
@@ -47,21 +50,21 @@ from codex_ml.tracking.events import EventLog, NdjsonSink
 from codex_ml.tracking.sinks import Trackers, start_trackers
 from codex_ml.tracking.wandb_sink import require_wandb
 from codex_ml.training.checkpoint import (
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    TrainingCheckpoints,
     latest_complete_checkpoint,
-    load_torch_file,
+    load_training_state,
     prune_checkpoints,
     remove_partial,
-    save_checkpoint,
     torch_bytes,
     verify_checkpoint,
 )
 from codex_ml.training.device import autocast_factory, configure_matmul_precision, peak_flops, resolve_device
-from codex_ml.training.distributed import Distributed, init_distributed, wrap_ddp
-from codex_ml.training.loop import LoopSettings, LoopState, StopRequest, Trainer
+from codex_ml.training.distributed import Distributed, init_distributed, resolve_strategy, wrap_ddp
+from codex_ml.training.fsdp import no_gradient_sync, shard_model
+from codex_ml.training.loop import LoopSettings, LoopState, StopRequest, Trainer, token_measure
 from codex_ml.training.optim import build_optimizer, build_scheduler
-
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.pt"
 
 
 def log(message: str) -> None:
@@ -152,8 +155,144 @@ def sft_tokenizer(cfg: TrainConfig, run_dir: Path) -> CodeTokenizer:
     return CodeTokenizer.load(own)
 
 
-def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None = None) -> dict:
-    """Train (or resume) the run ``cfg`` describes; returns the final evaluation metrics."""
+@dataclass
+class TaskContext:
+    """What a task may build its data, loss and validation on, once the model exists."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    dist: Distributed
+    bundle: ModelBundle
+    model: torch.nn.Module  # the bundle's module (LoRA-wrapped when asked): what the optimizer trains
+    compiled: torch.nn.Module  # ``model`` or its torch.compile'd form: what forward passes run on
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    tokenizer: CodeTokenizer
+    data: Any  # what the task's ``prepare`` returned
+    log: Callable[[str], None]
+    # the model is sharded over the ranks (training.strategy=fsdp): every forward is a collective, so
+    # every rank must run as many as the others (evaluation included; eval.loss's ``lockstep``)
+    sharded: bool = False
+
+
+@dataclass
+class TaskParts:
+    """A task's side of the loop: the same loop, checkpoints and tracking train every objective."""
+
+    batches: Any  # an iterator of batches with state_dict()/load_state_dict() (position, sampler RNG)
+    evaluate: Callable[..., dict]  # evaluate(whole_split=bool) -> validation metrics
+    loss_module: torch.nn.Module  # module(batch) -> the objective summed over the batch's units; DDP wraps it
+    dataset: dict  # what env.json records of the data
+    measure: Callable[[dict], tuple[torch.Tensor, torch.Tensor]] = token_measure
+    step_metrics: Callable[[], dict[str, torch.Tensor]] | None = None
+    # a task with weights of its own (a reward model's scalar head): the optimizer trains
+    # ``trainable`` instead of the bundle's module, and each checkpoint carries the task's files
+    trainable: torch.nn.Module | None = None
+    checkpoint_files: Callable[[], dict[str, bytes]] | None = None
+    load_checkpoint: Callable[[Path], None] | None = None
+
+
+class Task(Protocol):
+    """An objective trained by the one loop: language modelling, a reward model, DPO, GRPO."""
+
+    name: str
+    hf_engine: bool  # whether training.engine=hf (the HF Trainer) can run it
+
+    def prepare(self, cfg: TrainConfig, run_dir: Path, dist: Distributed) -> tuple[CodeTokenizer, Any]:
+        """Before the model exists: the tokenizer (saved in the run folder) and the task's data."""
+        ...
+
+    def parts(self, ctx: TaskContext) -> TaskParts:
+        """With the model: batches, the loss module and validation."""
+        ...
+
+
+class LanguageModelTask:
+    """`codex-ml train`: next-token prediction on a packed corpus, or supervised fine-tuning rows."""
+
+    name = "train"
+    hf_engine = True
+
+    def prepare(self, cfg: TrainConfig, run_dir: Path, dist: Distributed) -> tuple[CodeTokenizer, Any]:
+        if cfg.data.source == "sft":
+            tokenizer = sft_tokenizer(cfg, run_dir) if dist.is_main else None
+            dist.barrier()
+            return tokenizer or CodeTokenizer.load(run_dir / TOKENIZER_DIR), None
+        prepared = prepare_for_run(cfg, run_dir) if dist.is_main else None
+        dist.barrier()
+        if prepared is None:
+            prepared = prepare_data(cfg.data, cfg.tokenizer, tokenizer_dir=run_dir / TOKENIZER_DIR, log=lambda m: None)
+        return prepared.tokenizer, prepared
+
+    def parts(self, ctx: TaskContext) -> TaskParts:
+        cfg, t, dist, bundle, device = ctx.cfg, ctx.cfg.training, ctx.dist, ctx.bundle, ctx.device
+        seq_len = cfg.data.seq_len
+        assert seq_len is not None  # resolved from the model before the parts are built
+        if t.compile and device.type == "cuda" and bundle.native is not None:
+            # compiled on GPU, logits and cross-entropy fuse inside the graph; the chunked loss is for eager and CPU
+            loss_module = SummedLossModule(ctx.compiled, native_loss_sum(ctx.compiled, fused=False))
+        elif ctx.sharded and bundle.native is None:
+            # the fused loss calls a Hugging Face backbone directly, past the sharded root that gathers
+            # the embeddings and head: under fsdp the whole model's forward runs, logits and all
+            forward = hf_forward(ctx.compiled)
+            loss_module = SummedLossModule(ctx.compiled, lambda batch: summed_token_loss(forward(batch), batch["labels"]))
+        else:
+            loss_module = SummedLossModule(ctx.compiled, bundle.loss_sum_with(ctx.compiled))
+        batches: RowBatches | PackedBatches
+        if cfg.data.source == "sft":
+            if cfg.data.pack and not bundle.supports_packing:
+                raise ConfigError(
+                    "data.pack",
+                    "packed rows restart attention at every example, which needs the native "
+                    "decoder; this model trains as a Hugging Face module: set data.pack=false",
+                )
+            native_rows = bundle.native is not None
+            rows = prepare_sft(
+                cfg.data,
+                ctx.tokenizer,
+                ctx.run_dir / TOKENIZER_DIR,
+                seq_len,
+                cfg.tokenizer.truncation_side,
+                log=ctx.log if dist.is_main else lambda m: None,
+            )
+            flex = native_rows and cfg.model.attention == "flex"
+            batches = RowBatches(rows.train, t.batch_size, t.seed, native_rows, dist.rank, dist.world_size, flex=flex)
+            val_rows = lambda bound: eval_row_batches(
+                rows.val, t.batch_size, native_rows, bound, flex=flex, rank=dist.rank, world_size=dist.world_size
+            )
+            dataset = dataset_record(rows)
+        else:
+            prepared = ctx.data
+            assert isinstance(prepared, PreparedData)  # prepared for a token corpus
+            train_stream = TokenStream(open_split(prepared.directory, "train"))
+            val_stream = TokenStream(open_split(prepared.directory, "val"))
+            batches = PackedBatches(
+                train_stream, seq_len, t.batch_size, t.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda"
+            )
+            val_rows = lambda bound: eval_batches(val_stream, seq_len, t.batch_size, bound, dist.rank, dist.world_size)
+            dataset = dataset_record(prepared)
+        model = ctx.model
+
+        def evaluate(whole_split: bool = False) -> dict:
+            """The validation loss on a fixed sample spread over the split (``training.eval_batches``
+            batches per rank), or on all of it; ``val_tokens`` says how many target tokens it covers."""
+            model.eval()
+            m = evaluate_loss(
+                bundle.forward_with(model),
+                val_rows(0 if whole_split else t.eval_batches),
+                device,
+                ctx.autocast,
+                dist.all_reduce_sum if dist.enabled else None,
+                lockstep=ctx.sharded,
+            )
+            return {f"val_{k}": v for k, v in m.items()}
+
+        return TaskParts(batches=batches, evaluate=evaluate, loss_module=loss_module, dataset=dataset)
+
+
+def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None = None, task: Task | None = None) -> dict:
+    """Train (or resume) the run ``cfg`` describes on ``task`` (language modelling unless another
+    objective is given: the reward model, DPO, GRPO); returns the final evaluation metrics."""
     run_dir = run_dir_of(cfg, sweep_job_dir)
     device = resolve_device(cfg.model.device)
     dist = init_distributed(device.type)
@@ -172,7 +311,7 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
     if dist.is_main:
         lock.acquire()
     try:
-        return _train_locked(cfg, run_dir, device, dist, sweep)
+        return _train_locked(cfg, run_dir, device, dist, sweep, task or LanguageModelTask())
     except CodexError:
         # a run refused before it wrote anything leaves no empty folder behind
         if dist.is_main and not existed and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, f".tmp-{TOKENIZER_DIR}"}:
@@ -183,8 +322,12 @@ def train(cfg: TrainConfig, sweep_job_dir: str | None = None, sweep: dict | None
         lock.release()
 
 
-def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: Distributed, sweep: dict | None) -> dict:
+def _train_locked(
+    cfg: TrainConfig, run_dir: Path, device: torch.device, dist: Distributed, sweep: dict | None, task: Task
+) -> dict:
     t = cfg.training
+    if t.engine == "hf" and not task.hf_engine:
+        raise ConfigError("training.engine", f"codex-ml {task.name} runs on the native loop: set training.engine=native")
     ckpt_root = run_dir / CHECKPOINTS_DIR
     if dist.is_main:
         for p in remove_partial(ckpt_root):
@@ -198,88 +341,41 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
     set_deterministic(t.deterministic)
     configure_matmul_precision(device, t.precision)  # fp32 on CUDA: TF32 tensor cores, the rate MFU is measured at
     seed_everything(t.seed + dist.rank)
-    is_sft = cfg.data.source == "sft"
-    prepared: PreparedData | PreparedRows | None
-    if is_sft:
-        tokenizer = sft_tokenizer(cfg, run_dir) if dist.is_main else None
-        dist.barrier()
-        tokenizer = tokenizer or CodeTokenizer.load(run_dir / TOKENIZER_DIR)
-    else:
-        prepared = prepare_for_run(cfg, run_dir) if dist.is_main else None
-        dist.barrier()
-        if prepared is None:
-            prepared = prepare_data(cfg.data, cfg.tokenizer, tokenizer_dir=run_dir / TOKENIZER_DIR, log=lambda m: None)
-        tokenizer = prepared.tokenizer
+    tokenizer, task_data = task.prepare(cfg, run_dir, dist)
 
-    bundle = build_model(cfg, len(tokenizer), device, log=log)
+    strategy = resolve_strategy(t.strategy, dist)
+    sharded = strategy == "fsdp" and dist.enabled  # one process under fsdp trains unsharded, checkpoints as DCP
+    bundle = build_model(cfg, len(tokenizer), device, log=log, on_meta=sharded)
     if cfg.data.seq_len is None:
         cfg.data.seq_len = bundle.max_seq_len if cfg.model.kind == "native" else min(bundle.max_seq_len, DEFAULT_CONTEXT)
     if cfg.data.seq_len > bundle.max_seq_len:
         raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the model's context of {bundle.max_seq_len}")
-    seq_len: int = cfg.data.seq_len  # set above; the lambdas below cannot see that narrowing
     model = bundle.module
-    # compiling a Module gives an OptimizedModule, a Module; the stubs say only Callable
-    compiled = cast(torch.nn.Module, torch.compile(model)) if t.compile else model
-    if t.compile and device.type == "cuda" and bundle.native is not None:
-        # compiled on GPU, logits and cross-entropy fuse inside the graph; the chunked loss is for eager and CPU
-        model_loss = SummedLossModule(compiled, native_loss_sum(compiled, fused=False))
+    if sharded:
+        # compiled per block (after activation checkpointing, before sharding), not as a whole
+        compiled = shard_model(model, bundle.native, bundle.on_meta, device, t.precision, t.fsdp.reshard_after_forward, t.compile)
     else:
-        model_loss = SummedLossModule(compiled, bundle.loss_sum_with(compiled))
+        # compiling a Module gives an OptimizedModule, a Module; the stubs say only Callable
+        compiled = cast(torch.nn.Module, torch.compile(model)) if t.compile else model
+    autocast = autocast_factory(device, t.precision)
+    ctx = TaskContext(cfg, run_dir, device, dist, bundle, model, compiled, autocast, tokenizer, task_data, log, sharded)
+    parts = task.parts(ctx)
+    model_loss, batches, evaluate = parts.loss_module, parts.batches, parts.evaluate
+    if strategy == "fsdp" and (parts.trainable is not None or parts.checkpoint_files is not None):
+        raise ConfigError(
+            "training.strategy",
+            f"codex-ml {task.name} trains weights of its own besides the model, which fsdp does not shard: "
+            "use training.strategy=ddp",
+        )
     # DDP wraps the loss, not the bare model, so that every forward (the fused loss calls the backbone
     # itself) runs inside DDP.forward and the reducer synchronises the gradients (the HF Trainer wraps
-    # model_loss for itself)
-    train_model = wrap_ddp(model_loss, dist, device) if t.engine == "native" else model_loss
+    # model_loss for itself); under fsdp the model's own units synchronise them
+    train_model = wrap_ddp(model_loss, dist, device) if t.engine == "native" and strategy == "ddp" else model_loss
+    no_sync = partial(no_gradient_sync, model) if sharded else getattr(train_model, "no_sync", contextlib.nullcontext)
 
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device.type)
+    optimizer = build_optimizer(parts.trainable or model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device.type)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-    autocast = autocast_factory(device, t.precision)
-
-    if is_sft:
-        if cfg.data.pack and not bundle.supports_packing:
-            raise ConfigError(
-                "data.pack",
-                "packed rows restart attention at every example, which needs the native "
-                "decoder; this model trains as a Hugging Face module: set data.pack=false",
-            )
-        native_rows = bundle.native is not None
-        prepared = prepare_sft(
-            cfg.data,
-            tokenizer,
-            run_dir / TOKENIZER_DIR,
-            cfg.data.seq_len,
-            cfg.tokenizer.truncation_side,
-            log=log if dist.is_main else lambda m: None,
-        )
-        flex = native_rows and cfg.model.attention == "flex"
-        rows = prepared
-        batches: RowBatches | PackedBatches = RowBatches(
-            rows.train, t.batch_size, t.seed, native_rows, dist.rank, dist.world_size, flex=flex
-        )
-        val_rows = lambda bound: eval_row_batches(
-            rows.val, t.batch_size, native_rows, bound, flex=flex, rank=dist.rank, world_size=dist.world_size
-        )
-    else:
-        assert isinstance(prepared, PreparedData)  # prepared above for a token corpus
-        train_stream = TokenStream(open_split(prepared.directory, "train"))
-        val_stream = TokenStream(open_split(prepared.directory, "val"))
-        batches = PackedBatches(
-            train_stream, cfg.data.seq_len, t.batch_size, t.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda"
-        )
-        val_rows = lambda bound: eval_batches(val_stream, seq_len, t.batch_size, bound, dist.rank, dist.world_size)
-
-    def evaluate(whole_split: bool = False) -> dict:
-        """The validation loss on a fixed sample spread over the split (``training.eval_batches``
-        batches per rank), or on all of it; ``val_tokens`` says how many target tokens it covers."""
-        model.eval()
-        m = evaluate_loss(
-            bundle.forward_with(model),
-            val_rows(0 if whole_split else t.eval_batches),
-            device,
-            autocast,
-            dist.all_reduce_sum if dist.enabled else None,
-        )
-        return {f"val_{k}": v for k, v in m.items()}
 
     settings = LoopSettings(
         max_steps=t.max_steps,
@@ -300,18 +396,18 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
     metrics_offset = None
     resumed_state = None
     if resume is not None:
-        bundle.load_checkpoint(resume.path)
-        optimizer.load_state_dict(load_torch_file(resume.path / OPTIMIZER_FILE))
-        resumed_state = load_torch_file(resume.path / STATE_FILE)
-        saved_ranks = len(resumed_state["loader"])
-        if saved_ranks != dist.world_size:
-            raise ConfigError(
-                "training",
-                f"{resume.path.name} was saved by {saved_ranks} rank(s); resume it with as many "
-                f"(torchrun --nproc_per_node={saved_ranks}), not {dist.world_size}, or the data "
-                "order and the random streams of each rank cannot continue exactly",
+        resumed_state = load_training_state(resume.path, model, optimizer, bundle.load_checkpoint)
+        if parts.load_checkpoint is not None:
+            parts.load_checkpoint(resume.path)
+        saved = resumed_state["loader"]
+        if len(saved) != dist.world_size and dist.is_main:
+            log(
+                f"{resume.path.name} was written by {len(saved)} rank(s), this run has {dist.world_size}: "
+                "the loader continues at the same global sample"
             )
-        batches.load_state_dict(resumed_state["loader"][dist.rank])
+        # the same world size: each rank its own position; another: every loader continues from the
+        # global position (rank 0's state says it in global terms), or refuses to if it cannot
+        batches.load_state_dict(saved[dist.rank] if len(saved) == dist.world_size else saved[0])
         metrics_offset = resumed_state["metrics_offset"]
 
     events: EventLog | None = None  # rank 0's only
@@ -321,11 +417,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
         env = write_env(
             cfg,
             run_dir,
-            dataset_record(prepared),
+            parts.dataset,
             tokenizer,
             {
                 "device": str(device),
                 "world_size": dist.world_size,
+                "strategy": strategy,
                 "model": bundle.describe,
                 "parameters": bundle.parameter_counts(),
                 "resumed_from": str(resume.path) if resume else None,
@@ -343,31 +440,51 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
             events.log(event)
 
     trainer: Trainer
+    checkpoints = TrainingCheckpoints(
+        ckpt_root,
+        dist.rank,
+        dist.world_size,
+        sharded=strategy == "fsdp",
+        asynchronous=t.async_checkpoint,
+        prune=lambda root: prune_checkpoints(root, t.keep_last, t.keep_best, t.best_metric, t.best_mode),
+    )
 
     def save(state: LoopState) -> None:
         # every rank's own position and random streams (each rank was seeded seed + rank)
         loader_states = dist.gather_objects(batches.state_dict())
         rng_states = dist.gather_objects(rng_state())
-        if not dist.is_main:
-            return
-        assert events is not None
-        events.flush()
-        files = bundle.checkpoint_files()
-        files[OPTIMIZER_FILE] = torch_bytes(optimizer.state_dict())
-        files[STATE_FILE] = torch_bytes(
-            {
-                "trainer": trainer.state_dict(),
-                "loader": loader_states,
-                "rng": rng_states,
-                "metrics_offset": events.primary.size(),
-            }
-        )
+        if dist.is_main:
+            assert events is not None
+            events.flush()
+
+        def run_files() -> dict[str, bytes]:
+            """Rank 0's files: under fsdp the weights and optimizer are every rank's DCP shards instead."""
+            assert events is not None  # called on rank 0 only
+            if strategy == "fsdp":
+                files = bundle.config_files()
+            else:
+                files = bundle.checkpoint_files()
+                if parts.checkpoint_files is not None:
+                    files.update(parts.checkpoint_files())
+                files[OPTIMIZER_FILE] = torch_bytes(optimizer.state_dict())
+            files[STATE_FILE] = torch_bytes(
+                {
+                    "trainer": trainer.state_dict(),
+                    "loader": loader_states,
+                    "rng": rng_states,
+                    "metrics_offset": events.primary.size(),
+                    "world_size": dist.world_size,
+                }
+            )
+            return files
+
         # a checkpoint carries the metrics of an evaluation at its own step only (for best-k)
         fresh = state.last_eval_step == state.step
         metrics = {k: v for k, v in state.last_metrics.items() if fresh and isinstance(v, (int, float))}
-        path = save_checkpoint(ckpt_root, state.step, files, metrics=metrics, extra={"tokens": state.tokens, "time": time.time()})
-        prune_checkpoints(ckpt_root, t.keep_last, t.keep_best, t.best_metric, t.best_mode)
-        emit({"event": "checkpoint", "step": state.step, "path": str(path.relative_to(run_dir))})
+        extra = {"tokens": state.tokens, "time": time.time(), "world_size": dist.world_size, "strategy": strategy}
+        written = checkpoints.save(state.step, model, optimizer, run_files, metrics, extra)
+        path = written.pop("path")
+        emit({"event": "checkpoint", "step": state.step, "path": str(path.relative_to(run_dir)), **written})
 
     trainer = Trainer(
         train_model,
@@ -383,15 +500,23 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
         autocast=autocast,
         scaler=scaler,
         all_reduce=dist.all_reduce_sum if dist.enabled else None,
-        no_sync=getattr(train_model, "no_sync", contextlib.nullcontext),
+        no_sync=no_sync,
         stop=stop,
         world_size=dist.world_size,
+        measure=parts.measure,
+        step_metrics=parts.step_metrics,
     )
     if resumed_state is not None:
         trainer.load_state_dict(resumed_state["trainer"])
         rng = resumed_state["rng"]
-        # a checkpoint written before RNG states were kept per rank holds one (the only rank's)
-        set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+        # a checkpoint written before RNG states were kept per rank holds one (the only rank's). A rank
+        # the writing job had takes up its stream; a rank it lacked keeps its own seed (seed + rank)
+        # advanced by the step, so that it draws neither another rank's numbers nor its first ones again
+        rng = rng if isinstance(rng, list) else [rng]
+        if dist.rank < len(rng):
+            set_rng_state(rng[dist.rank])
+        else:
+            seed_everything(t.seed + dist.rank + 1_000_003 * trainer.state.step)
     start_step = trainer.state.step
     if dist.is_main:
         assert events is not None
@@ -418,7 +543,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
 
             state = run_hf_trainer(
                 compiled,
-                model_loss.loss_sum,
+                cast(SummedLossModule, model_loss).loss_sum,
                 optimizer,
                 scheduler,
                 batches,
@@ -443,6 +568,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
         for s, handler in previous.items():
             signal.signal(s, handler)
         console.close()
+        checkpoints.finish()  # a checkpoint still being written in the background completes first
 
     result = dict(state.last_metrics)
     if dist.is_main:
@@ -452,9 +578,13 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: torch.device, dist: D
             log(f"stopped by {name} at step {state.step}; the checkpoint is saved: run the same command to resume")
             events.log({"event": "interrupted", "step": state.step, "signal": name})
         else:
-            _print_sample(cfg, bundle, tokenizer)
+            if not sharded:  # a sharded model generates only with every rank taking part
+                _print_sample(cfg, bundle, tokenizer)
             events.log({"event": "end", "step": state.step})
-            if "val_loss" in result:
+            if "val_loss" in result and "val_ppl" not in result:  # an objective other than language modelling
+                figures = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float))
+                log(f"final {figures} at step {state.step}; run folder {run_dir}")
+            elif "val_loss" in result:
                 log(
                     f"final val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) at step {state.step} "
                     f"over {result.get('val_tokens', 0):,} validation tokens; run folder {run_dir}"

@@ -63,10 +63,28 @@ def init_distributed(device_type: str) -> Distributed:
         return Distributed()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=_attempt_store(), rank=rank, world_size=world)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     return Distributed(rank, local_rank, world)
+
+
+def _attempt_store() -> dist.Store:
+    """The process group's key-value store, with keys of their own for each torchrun restart.
+
+    torchrun (c10d rendezvous) shares its own TCPStore with the workers and keeps it across the
+    restarts of ``--max-restarts``: a restarted group would read the addresses its dead
+    predecessors published (gloo: "Connection refused" to a port no one listens on; NCCL: a stale
+    unique id) whenever it reads a peer's key before that peer wrote it again. One agent restarts
+    all of its workers together, so ``TORCHELASTIC_RESTART_COUNT`` is the same on every rank of a
+    node; across nodes use a fresh store per round instead (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``,
+    as scripts/slurm/train.sbatch does), where torchrun says so with USE_AGENT_STORE=False.
+    """
+    store, _, _ = next(dist.rendezvous("env://"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    return dist.PrefixStore(f"codex-ml/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def wrap_ddp(model: torch.nn.Module, d: Distributed, device: torch.device) -> torch.nn.Module:
@@ -75,3 +93,10 @@ def wrap_ddp(model: torch.nn.Module, d: Distributed, device: torch.device) -> to
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def resolve_strategy(strategy: str, d: Distributed) -> str:
+    """``training.strategy`` for this launch: ``auto`` is none on one process and ddp on several."""
+    if strategy == "auto":
+        return "ddp" if d.enabled else "none"
+    return strategy
