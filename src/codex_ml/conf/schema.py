@@ -14,12 +14,16 @@ from codex_ml.errors import CodexError
 
 MODEL_KINDS = ("native", "hf")
 DATA_SOURCES = ("stdlib", "files", "jsonl", "hf_disk", "sft")
+DATA_ENGINES = ("local", "datatrove", "datatrove_slurm")  # data.engine: where `codex-ml prepare` runs
 TOKENIZER_KINDS = ("bpe", "sentencepiece")
 ENGINES = ("native", "hf")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("auto", "ddp", "fsdp")  # auto: one process none, several ddp
 SIDES = ("left", "right")
 FIM_MODES = ("psm", "spm", "mixed")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # models/loss.py: grpo_loss_sum
+SCALE_REWARDS = ("group", "batch", "none")  # rl/scoring.py: group_advantages
 
 
 class ConfigError(CodexError):
@@ -101,6 +105,14 @@ class DataConfig:
     decontaminate_ngram: int = 10
     decontaminate_threshold: float = 0.5  # share of a benchmark field's n-grams found in a document
     expected_sha256: Optional[str] = None  # named datasets: the content hash the corpus must have
+    # where prepare runs (docs/data.md): local (this process and data.num_workers workers), datatrove
+    # (data.engine_workers local datatrove tasks over shards), datatrove_slurm (Slurm jobs; data.slurm_*)
+    engine: str = "local"
+    engine_workers: int = 2  # datatrove tasks: the input is cut into this many shards
+    slurm_partition: Optional[str] = None
+    slurm_time: str = "4:00:00"
+    slurm_cpus_per_task: int = 4
+    slurm_mem_per_cpu_gb: int = 2
 
 
 @dataclass
@@ -120,6 +132,12 @@ class TokenizerConfig:
     padding_side: str = "right"
     truncation_side: str = "right"
     model_max_length: Optional[int] = None  # the model's context when unset
+
+
+@dataclass
+class FSDPConfig:
+    # free each block's gathered parameters after its forward (less memory, one more all-gather in backward)
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -153,6 +171,9 @@ class TrainingConfig:
     early_stopping_min_delta: float = 0.0
     sample_prompt: str = "def fibonacci(n):"
     sample_tokens: int = 64
+    strategy: str = "auto"  # auto (one process: none; several: ddp), ddp, fsdp (FSDP2 + sharded DCP checkpoints)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    async_checkpoint: bool = False  # fsdp: write each checkpoint in the background while training goes on
 
 
 @dataclass
@@ -190,6 +211,80 @@ class TrainConfig:
 
 
 @dataclass
+class RewardSettings:
+    margin: float = 0.0  # -log sigmoid(r_chosen - r_rejected - margin)
+    center_coefficient: float = 0.0  # + coefficient * (r_chosen + r_rejected)^2, TRL's center_rewards_coefficient
+
+
+@dataclass
+class RewardCommandConfig(TrainConfig):
+    """`codex-ml reward`: a pairwise reward model on preference pairs (data.paths)."""
+
+    reward: RewardSettings = field(default_factory=RewardSettings)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")  # models/loss.py: dpo_loss implements each
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1  # how far the policy may move from the reference
+    loss_type: str = "sigmoid"  # sigmoid (DPO) or ipo
+    reference_path: Optional[str] = None  # a model directory; the starting weights when unset
+    precompute_ref_logps: bool = False  # reference log-probabilities once, before training (no reference in memory)
+
+
+@dataclass
+class DPOCommandConfig(TrainConfig):
+    """`codex-ml dpo`: Direct Preference Optimisation on preference pairs (data.paths)."""
+
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+
+
+# where a completion of a HumanEval-format prompt ends: the next top-level statement (eval/humaneval.py's list)
+GRPO_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+
+
+@dataclass
+class GRPOSettings:
+    group_size: int = 8  # completions sampled per prompt; training.batch_size (completions per step) is a multiple
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=lambda: list(GRPO_STOP))
+    beta: float = 0.0  # KL coefficient (TRL's default); 0 keeps no reference model at all
+    epsilon: float = 0.2  # clipping of the importance ratio below 1
+    epsilon_high: Optional[float] = None  # above 1 (DAPO's asymmetric clipping); epsilon when unset
+    loss_type: str = "dapo"  # grpo (per-sequence mean), dr_grpo (constant normaliser), dapo (token mean): TRL's default
+    scale_rewards: Optional[str] = None  # group, batch, none; unset: none for dr_grpo, group otherwise
+    mask_truncated: bool = False  # completions cut at max_new_tokens are not trained on
+    iterations: int = 1  # policy updates per generation batch (the old policy's log-probs kept for the ratio)
+    rewards: list[str] = field(default_factory=lambda: ["execution"])  # names in codex_ml.plugins.rewards
+    reward_weights: list[float] = field(default_factory=list)  # one per reward; empty: 1 each
+    metrics: list[str] = field(default_factory=list)  # names in codex_ml.plugins.metrics, logged every step
+    eval_paths: list[str] = field(default_factory=list)  # held-out problems: evaluation logs their greedy val_pass@1
+    timeout: float = 3.0  # seconds of wall clock per program in the sandbox
+    workers: int = 0  # sandbox workers; 0: one per core (at most training.batch_size)
+    memory_mb: int = 1024
+    sandbox: str = "auto"  # auto, bwrap, unshare, rlimits (docs/sandbox.md)
+
+
+@dataclass
+class GRPOCommandConfig(TrainConfig):
+    """`codex-ml grpo`: GRPO on HumanEval-format problems (data.paths), rewarded by execution in the sandbox."""
+
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+
+
+@dataclass
+class PlanConfig(TrainConfig):
+    """`codex-ml plan`: per-rank memory of a training config on ``world_size`` ranks, from the config alone."""
+
+    world_size: int = 1  # ranks of the job (nodes x GPUs per node)
+
+
+@dataclass
 class TokenizerCommandConfig:
     """`codex-ml tokenizer`: train a tokenizer alone and save it to ``out``."""
 
@@ -215,6 +310,7 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)
     device: str = "auto"
     compile: bool = False  # native models: a static KV cache and a compiled decoding step (CUDA graphs on GPU)
+    redact_output: bool = True  # mask secrets in what is printed ([REDACTED:<kind>], data/secrets.py)
 
 
 @dataclass
@@ -258,6 +354,7 @@ class EvaluateConfig:
     seed: int = 0
     compile: bool = False  # native models: sample with a static KV cache and a compiled decoding step
     ci: float = 0.95  # bootstrap confidence level for per-sample metrics; 0 turns it off
+    redact_output: bool = True  # mask secrets in eval/samples.jsonl (judging sees the completion as generated)
 
 
 @dataclass
@@ -367,7 +464,14 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def validate_data(d: DataConfig) -> None:
-    _one_of(d.source, DATA_SOURCES, "data.source")
+    if d.source not in DATA_SOURCES:  # a plugin's source (entry point codex_ml.data_sources), or a mistake
+        from codex_ml import plugins
+
+        _require(
+            d.source in plugins.data_sources,
+            "data.source",
+            f"must be one of {', '.join([*DATA_SOURCES, *plugins.data_sources.names()])}; got {d.source!r}",
+        )
     if d.source != "stdlib":
         _require(len(d.paths) > 0, "data.paths", f"data.source={d.source} needs data.paths=[...]")
     _require(d.seq_len is None or d.seq_len >= 2, "data.seq_len", f"must be >= 2 or null; got {d.seq_len}")
@@ -378,6 +482,13 @@ def validate_data(d: DataConfig) -> None:
     _require(0.0 <= d.fim_rate <= 1.0, "data.fim_rate", f"must be in [0, 1]; got {d.fim_rate}")
     _one_of(d.fim_mode, FIM_MODES, "data.fim_mode")
     _require(0.0 <= d.fim_spm_rate <= 1.0, "data.fim_spm_rate", "must be in [0, 1]")
+    _one_of(d.engine, DATA_ENGINES, "data.engine")
+    _require(d.engine_workers >= 1, "data.engine_workers", f"must be >= 1; got {d.engine_workers}")
+    _require(
+        d.engine != "datatrove_slurm" or bool(d.slurm_partition),
+        "data.slurm_partition",
+        "data.engine=datatrove_slurm needs data.slurm_partition=NAME",
+    )
     validate_data_safety(d)
 
 
@@ -443,6 +554,17 @@ def validate_training(t: TrainingConfig) -> None:
     _require(t.keep_best >= 0, "training.keep_best", f"must be >= 0; got {t.keep_best}")
     _require(t.early_stopping_patience >= 0, "training.early_stopping_patience", "must be >= 0")
     _require(t.sample_tokens >= 0, "training.sample_tokens", "must be >= 0")
+    _one_of(t.strategy, STRATEGIES, "training.strategy")
+    _require(
+        t.strategy != "fsdp" or t.engine == "native",
+        "training.strategy",
+        "fsdp runs on the native loop (training.engine=native); the HF Trainer brings its own FSDP",
+    )
+    _require(
+        not t.async_checkpoint or t.strategy == "fsdp",
+        "training.async_checkpoint",
+        "asynchronous checkpoints are DCP's: set training.strategy=fsdp (or async_checkpoint=false)",
+    )
 
 
 def validate_tracking(t: TrackingConfig) -> None:
@@ -473,6 +595,89 @@ def validate_train(cfg: TrainConfig) -> None:
             "data.seq_len",
             f"{cfg.data.seq_len} exceeds the model's context model.max_seq_len={cfg.model.max_seq_len}",
         )
+
+
+def _validate_preference_command(cfg: TrainConfig, command: str) -> None:
+    validate_train(cfg)
+    _require(
+        cfg.data.source == "sft" and len(cfg.data.paths) > 0,
+        "data.paths",
+        f"codex-ml {command} reads preference records (JSONL: prompt, chosen, rejected) from data.paths=[...]",
+    )
+    _require(cfg.training.engine == "native", "training.engine", f"codex-ml {command} runs on the native loop")
+
+
+def validate_reward(cfg: RewardCommandConfig) -> None:
+    _validate_preference_command(cfg, "reward")
+    _require(cfg.reward.margin >= 0, "reward.margin", f"must be >= 0; got {cfg.reward.margin}")
+    c = cfg.reward.center_coefficient
+    _require(c >= 0, "reward.center_coefficient", f"must be >= 0; got {c}")
+
+
+def validate_dpo(cfg: DPOCommandConfig) -> None:
+    _validate_preference_command(cfg, "dpo")
+    d = cfg.dpo
+    _require(d.beta > 0, "dpo.beta", f"must be > 0; got {d.beta}")
+    _one_of(d.loss_type, DPO_LOSS_TYPES, "dpo.loss_type")
+    if d.reference_path:
+        from pathlib import Path
+
+        _require(Path(d.reference_path).expanduser().exists(), "dpo.reference_path", f"{d.reference_path} does not exist")
+
+
+def validate_grpo(cfg: GRPOCommandConfig) -> None:
+    g, t = cfg.grpo, cfg.training
+    _require(
+        len(cfg.data.paths) > 0,
+        "data.paths",
+        "codex-ml grpo reads problems (JSONL: task_id, prompt, test, entry_point) from data.paths=[...]",
+    )
+    _require(
+        bool(cfg.model.path or cfg.tokenizer.path),
+        "model.path",
+        "codex-ml grpo improves a trained model: set model.path (model=hf DIR, or a native run folder)",
+    )
+    validate_train(cfg)
+    _require(t.engine == "native", "training.engine", "codex-ml grpo runs on the native loop")
+    _require(
+        not cfg.lora.enabled, "lora.enabled", "codex-ml grpo trains full weights (sampling runs on the fused native decoder)"
+    )
+    _require(g.group_size >= 2, "grpo.group_size", f"must be >= 2 (advantages are relative to the group); got {g.group_size}")
+    _require(
+        t.batch_size % g.group_size == 0,
+        "grpo.group_size",
+        f"{g.group_size} must divide training.batch_size={t.batch_size} (the completions of each micro-batch)",
+    )
+    _require(g.max_new_tokens >= 1, "grpo.max_new_tokens", f"must be >= 1; got {g.max_new_tokens}")
+    _require(g.temperature > 0, "grpo.temperature", f"must be > 0 (a group needs different completions); got {g.temperature}")
+    _require(0 < g.top_p <= 1, "grpo.top_p", f"must be in (0, 1]; got {g.top_p}")
+    _require(g.top_k >= 0, "grpo.top_k", "must be >= 0 (0 turns it off)")
+    _require(g.beta >= 0, "grpo.beta", f"must be >= 0 (0: no reference model); got {g.beta}")
+    _require(g.epsilon > 0, "grpo.epsilon", f"must be > 0; got {g.epsilon}")
+    _require(g.epsilon_high is None or g.epsilon_high > 0, "grpo.epsilon_high", f"must be > 0 or unset; got {g.epsilon_high}")
+    _one_of(g.loss_type, GRPO_LOSS_TYPES, "grpo.loss_type")
+    if g.scale_rewards is not None:
+        _one_of(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
+    _require(g.iterations >= 1, "grpo.iterations", f"must be >= 1; got {g.iterations}")
+    _require(len(g.rewards) > 0, "grpo.rewards", "must name at least one reward")
+    _require(
+        not g.reward_weights or len(g.reward_weights) == len(g.rewards),
+        "grpo.reward_weights",
+        f"needs one weight per reward ({len(g.rewards)}: {', '.join(g.rewards)}); got {len(g.reward_weights)}",
+    )
+    _require(g.timeout > 0, "grpo.timeout", f"must be > 0 seconds; got {g.timeout}")
+    _require(g.workers >= 0, "grpo.workers", "must be >= 0 (0: one per core)")
+    _require(g.memory_mb >= 64, "grpo.memory_mb", f"must be >= 64; got {g.memory_mb}")
+    _one_of(g.sandbox, ("auto", "bwrap", "unshare", "rlimits"), "grpo.sandbox")
+    from codex_ml import plugins
+
+    plugins.check_names(plugins.rewards, g.rewards, "grpo.rewards")
+    plugins.check_names(plugins.metrics, g.metrics, "grpo.metrics")
+
+
+def validate_plan(cfg: PlanConfig) -> None:
+    _require(cfg.world_size >= 1, "world_size", f"must be >= 1 (the job's ranks: nodes x GPUs per node); got {cfg.world_size}")
+    validate_train(cfg)
 
 
 def validate_tokenizer_command(cfg: TokenizerCommandConfig) -> None:

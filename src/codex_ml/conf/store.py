@@ -6,12 +6,16 @@ from hydra.core.config_store import ConfigStore
 
 from codex_ml.conf.schema import (
     CompareConfig,
+    DPOCommandConfig,
     EvaluateConfig,
     EvaluateSamplesConfig,
     ExportConfig,
     GenerateConfig,
+    GRPOCommandConfig,
     KeysConfig,
+    PlanConfig,
     ReportConfig,
+    RewardCommandConfig,
     ServeCommandConfig,
     TokenizerCommandConfig,
     TrainConfig,
@@ -19,6 +23,9 @@ from codex_ml.conf.schema import (
 
 SCHEMAS = {
     "train_schema": TrainConfig,
+    "reward_schema": RewardCommandConfig,
+    "dpo_schema": DPOCommandConfig,
+    "grpo_schema": GRPOCommandConfig,
     "tokenizer_command_schema": TokenizerCommandConfig,
     "generate_schema": GenerateConfig,
     "evaluate_schema": EvaluateConfig,
@@ -28,6 +35,7 @@ SCHEMAS = {
     "export_schema": ExportConfig,
     "serve_schema": ServeCommandConfig,
     "keys_schema": KeysConfig,
+    "plan_schema": PlanConfig,
 }
 
 
