@@ -10,7 +10,7 @@ from codex_ml.data.pack import MANIFEST
 from codex_ml.recipes.prepare import prepare_data
 from helpers import stdlib_sample
 
-SECRET = "AKIA" + "Z7QW3ERT5YUI8OPA"
+SECRET = "AKIA" + "Z7QW3ERT5YUI8OPA"  # pragma: allowlist secret (a fake AWS key id the redaction stage must catch)
 RUN_DEPENDENT = ("created", "safety")  # a timestamp, and the safety stage's wall time inside "safety"
 
 
