@@ -2,7 +2,7 @@
 
 import json
 
-NOT_REPRODUCIBLE = {"time", "tokens_per_s", "mfu"}  # wall-clock measurements
+NOT_REPRODUCIBLE = {"time", "tokens_per_s", "mfu", "blocking_s"}  # wall-clock measurements
 
 
 def logged_values(run) -> list[dict]:
