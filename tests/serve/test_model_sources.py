@@ -54,7 +54,16 @@ def test_run_dir_or_model_path_not_both(tiny_run, tmp_path):
     assert p.returncode == 2 and "run_dir" in p.stderr
 
 
-@pytest.mark.parametrize("bad", ["serve.max_batch=0", "serve.port=70000", "serve.max_queue=-1"])
+@pytest.mark.parametrize("bad", ["serve.max_batch=0", "serve.port=70000", "serve.max_queue=-1", "serve.threads=-1"])
 def test_bad_settings_fail_before_loading(tiny_run, bad):
     p = run_cli("serve", f"run_dir={tiny_run}", bad, check=False)
     assert p.returncode == 2 and bad.split("=")[0] in p.stderr and "Traceback" not in p.stderr
+
+
+def test_model_threads_leave_a_core_to_the_event_loop(monkeypatch):
+    from codex_ml.serve.server import serving_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert serving_threads(0) == 3 and serving_threads(2) == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert serving_threads(0) == 1  # one core: the model still gets a thread

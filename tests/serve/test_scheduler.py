@@ -131,3 +131,31 @@ def test_seeded_sampling_is_reproducible_per_sequence(loaded):
         assert sample(7, 0) == sample(7, 5)
     finally:
         sched.stop(30)
+
+
+def test_mailbox_delivers_in_order_with_one_wake_up_per_batch():
+    import asyncio
+
+    from codex_ml.serve.generation import Mailbox
+
+    async def main() -> tuple[list, int]:
+        box, deliveries = Mailbox(asyncio.get_running_loop()), []
+        deliver = box._deliver
+        box._deliver = lambda: (deliveries.append(1), deliver())[1]  # type: ignore[method-assign]
+        queues = [asyncio.Queue(), asyncio.Queue()]
+
+        def one_step() -> None:  # a step's events, posted while the loop cannot run (as when the GIL is taken)
+            for i in range(10):
+                box.post(queues[i % 2], (i % 2, i))
+
+        one_step()
+        got = [await q.get() for q in queues for _ in range(5)]
+        assert len(deliveries) == 1  # one wake-up of the loop for the step's ten events
+        await asyncio.to_thread(one_step)  # from another thread, as the scheduler posts
+        got += [await q.get() for q in queues for _ in range(5)]
+        return got, len(deliveries)
+
+    got, n_deliveries = asyncio.run(main())
+    once = [(0, 0), (0, 2), (0, 4), (0, 6), (0, 8), (1, 1), (1, 3), (1, 5), (1, 7), (1, 9)]
+    assert got == once + once
+    assert 2 <= n_deliveries <= 11

@@ -409,6 +409,7 @@ class ServeConfig:
     data_root: Optional[str] = None  # jobs may read data under this folder only
     runs_root: str = "runs"  # jobs write run folders under this folder only
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    threads: int = 0  # torch's CPU threads for the model; 0: one less than the cores, the HTTP event loop keeps one
 
 
 @dataclass
@@ -773,6 +774,7 @@ def validate_serve_settings(s: ServeConfig) -> None:
     _require(s.max_stop >= 0, "serve.max_stop", f"must be >= 0; got {s.max_stop}")
     _require(s.max_logprobs >= 0, "serve.max_logprobs", f"must be >= 0; got {s.max_logprobs}")
     _require(s.drain_timeout_s >= 0, "serve.drain_timeout_s", "must be >= 0")
+    _require(s.threads >= 0, "serve.threads", f"must be >= 0 (0: one less than the CPU cores); got {s.threads}")
     _require(bool(s.keys_db), "serve.keys_db", "must name the SQLite file of the keys")
 
 

@@ -362,6 +362,13 @@ def _rules() -> list[_Rule]:
     return out
 
 
+@lru_cache(maxsize=1)
+def _any_trigger() -> re.Pattern:
+    """One pattern matching wherever any rule's trigger does: a text without a match has no finding."""
+    parts = {re.escape(t) if isinstance(t, str) else t.pattern for rule in _rules() for t in rule.triggers}
+    return re.compile("|".join(sorted(parts)))
+
+
 _DELIMITERS = " \t\r\n\"'=:"
 _TOKEN_CHAR = re.compile(r"[A-Za-z0-9_+/=-]")
 
@@ -428,6 +435,8 @@ def find_secrets(text: str, detectors: Iterable[str] = DETECTORS) -> list[Findin
     """Every secret and PII found in ``text`` by the families ``detectors`` (default: all), sorted by position;
     overlapping findings are merged into the first."""
     families = set(check_detectors(detectors))
+    if not _any_trigger().search(text):
+        return []  # most lines of code hold no rule's trigger: one search instead of one per rule
     raw = []
     for rule in _rules():
         if rule.family not in families:

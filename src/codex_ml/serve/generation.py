@@ -9,6 +9,9 @@ so a slot never outlives its client.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ class ServedModel:
 
     def __init__(self, model_id: str, tokenizer: CodeTokenizer, tokenizer_dir: Path, scheduler: Scheduler) -> None:
         self.model_id, self.tokenizer, self.scheduler = model_id, tokenizer, scheduler
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
         self.context = scheduler.context
         self.vocab_size = min(len(tokenizer), scheduler.model.config.vocab_size)
         self.chat = ChatFormatter(tokenizer, tokenizer_dir)
@@ -48,6 +52,13 @@ class ServedModel:
         # the longest token in UTF-8 bytes bounds how few tokens a text can be, before tokenizing it
         self.max_token_bytes = max((len(tokenizer.decode([i]).encode()) for i in vocab.values()), default=1) or 1
         self.max_token_bytes = max(self.max_token_bytes, max((len(t) for t in vocab), default=1))
+
+    def mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        """The one mailbox of ``loop`` (uvicorn runs one loop; tests may start servers on others)."""
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = Mailbox(loop)
+        return box
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_id:
@@ -80,18 +91,45 @@ class ServedModel:
         return ids
 
 
+class Mailbox:
+    """Token events from the scheduler thread to the event loop, one wake-up of the loop for all that
+    arrived since the last, instead of one per token (each wake-up is a write to the loop's pipe)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: deque[tuple[asyncio.Queue, tuple[int, TokenEvent]]] = deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+
+    def post(self, queue: asyncio.Queue, item: tuple[int, TokenEvent]) -> None:
+        """On the scheduler thread: ``item`` goes into ``queue`` on the loop's thread, in order."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._wake_pending = self._items, deque(), False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Choices:
     """A request's sequences in the scheduler; iterate ``events()`` for (choice index, TokenEvent)."""
 
     def __init__(self, served: ServedModel, specs: list[ChoiceSpec], request_id: str) -> None:
         self.served, self.loop = served, asyncio.get_running_loop()
+        self.mailbox = served.mailbox(self.loop)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seqs = [self._sequence(i, s, request_id) for i, s in enumerate(specs)]
         self.finished = [s.max_tokens == 0 for s in specs]
 
     def _sequence(self, index: int, s: ChoiceSpec, request_id: str) -> Sequence:
         def sink(event: TokenEvent) -> None:  # on the scheduler thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            self.mailbox.post(self.queue, (index, event))
 
         settings = SamplingSettings(
             max_new_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=list(s.stops)

@@ -210,7 +210,9 @@ class Scheduler:
         positions = torch.arange(n, device=self.device)[None]
         mask = (self.cols[None, :] <= positions[0, :, None])[None, None]  # (1, 1, n, context): causal
         self.cache.bind(slice(slot, slot + 1), positions)
-        logits = self.model(ids, position_ids=positions, attn_mask=mask, kv_cache=self.cache)[0]
+        hidden = self.model(ids, position_ids=positions, attn_mask=mask, kv_cache=self.cache, return_hidden=True)[0]
+        # the output projection over the last position alone, unless the prompt's own logprobs are asked for
+        logits = self.model.lm_head(hidden if seq.prompt_logprobs else hidden[-1:])
         s = seq.settings
         generator = None
         if s.temperature > 0:
@@ -244,18 +246,23 @@ class Scheduler:
         mask = (self.cols[None, :] <= pos)[:, None, None, :]  # (hi, 1, 1, context): this token and before
         self.cache.bind(slice(0, hi), pos)
         logits = self.model(tok, position_ids=pos, attn_mask=mask, kv_cache=self.cache)[:, -1]
+        greedy = logits.argmax(-1).tolist()  # every row's greedy token in one call, not one per slot
         for i in active:
             run = self.slots[i]
             assert run is not None
             run.position += 1
-            self._advance(i, logits[i : i + 1], None)
+            self._advance(i, logits[i : i + 1], None, greedy[i])
 
-    def _advance(self, slot: int, logits: torch.Tensor, prompt_lp: list[float | None] | None) -> None:
-        """Sample the slot's next token from ``logits`` (1, vocab), tell its sink, free the slot when done."""
+    def _advance(self, slot: int, logits: torch.Tensor, prompt_lp: list[float | None] | None, greedy: int | None = None) -> None:
+        """Sample the slot's next token from ``logits`` (1, vocab), tell its sink, free the slot when done.
+        ``greedy``: the argmax of ``logits`` when the caller has it already."""
         run = self.slots[slot]
         assert run is not None  # only a running slot advances
         seq, s = run.seq, run.seq.settings
-        token = int(next_tokens(logits, s, run.generator)[0])
+        if s.temperature == 0 and greedy is not None:
+            token = greedy
+        else:
+            token = int(next_tokens(logits, s, run.generator)[0])
         logprob = top = None
         if seq.logprobs is not None:
             lp = torch.log_softmax(logits[0].float(), -1)

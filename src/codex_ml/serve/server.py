@@ -10,6 +10,7 @@ model id, and serves. SIGTERM (or Ctrl-C) stops accepting, lets in-flight reques
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -60,6 +61,16 @@ def load_served_model(cfg: ServeCommandConfig, device: torch.device) -> tuple[GP
     if device.type == "cpu":
         model.fuse_for_inference()  # as codex-ml generate decodes on CPU: one matmul for q/k/v, one for gate/up
     return model, CodeTokenizer.load(tok_dir), tok_dir, cfg.serve.model_id or default_id
+
+
+def serving_threads(configured: int) -> int:
+    """torch's CPU threads for the model: ``configured``, or one less than the cores (at least one).
+
+    The event loop streaming every token shares the CPU with the model: when the model's threads take
+    every core, the loop preempts one of them inside each parallel region and the others wait at its
+    barrier, so decoding slows down more than one thread fewer costs (measured in docs/benchmarks.md).
+    """
+    return configured or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def check_exposure(s: ServeConfig, keys: KeyStore | None) -> None:
@@ -136,8 +147,9 @@ def serve_command(cfg: ServeCommandConfig) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    asgi, _, model_id = build(cfg)
     s = cfg.serve
+    torch.set_num_threads(serving_threads(s.threads))
+    asgi, _, model_id = build(cfg)
     config = uvicorn.Config(
         asgi,
         host=s.host,
