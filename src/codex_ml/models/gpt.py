@@ -145,10 +145,11 @@ class SlotKVCache(KVCache):
     """Independent sequences in the rows ("slots") of one cache, for continuous batching.
 
     Each slot holds one sequence from its position 0, so sequences start and end at any step.
-    ``bind(rows, positions)`` says which slots the next forward call covers (a slice of the slot
-    axis, so the cache is viewed, not copied) and where each of their tokens goes; attention spans
-    all ``max_len`` positions of those slots and the caller's mask hides what a row may not see.
-    Callers pass ``position_ids`` and a mask; ``length`` stays 0.
+    ``bind(rows, positions, span)`` says which slots the next forward call covers (a slice of the slot
+    axis, so the cache is viewed, not copied), where each of their tokens goes, and how many of the
+    first positions attention spans (default all ``max_len``); the caller's mask, ``span`` keys wide,
+    hides what a row may not see. Positions past every row's own are masked anyway: leaving them out
+    of the view only saves reading them. Callers pass ``position_ids`` and a mask; ``length`` stays 0.
     """
 
     def __init__(
@@ -157,17 +158,20 @@ class SlotKVCache(KVCache):
         super().__init__(config, n_slots, max_len, device, dtype)
         self.rows = slice(0, n_slots)
         self.positions: torch.Tensor | None = None
+        self.span = max_len
 
-    def bind(self, rows: slice, positions: torch.Tensor) -> None:
-        """The slots ``rows`` run next; ``positions`` (n_rows, T): the cache position of each token."""
+    def bind(self, rows: slice, positions: torch.Tensor, span: int | None = None) -> None:
+        """The slots ``rows`` run next; ``positions`` (n_rows, T): the cache position of each token, all
+        below ``span`` (default ``max_len``), the number of first positions attention reads."""
         self.rows, self.positions = rows, positions
+        self.span = self.max_len if span is None else span
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.k[layer][self.rows], self.v[layer][self.rows]
         row = torch.arange(keys.shape[0], device=k.device)[:, None]
         keys[row, :, self.positions] = k.transpose(1, 2)  # (rows, T, heads, head_dim) at each row's positions
         values[row, :, self.positions] = v.transpose(1, 2)
-        return keys, values
+        return keys[:, :, : self.span], values[:, :, : self.span]
 
     def advance(self, n: int) -> None:
         pass  # positions are the caller's, per row (bind)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 from codex_ml.models.gpt import GPT, SlotKVCache
 
 ROW_MULTIPLE = 4  # see the module docstring: decoding batches are padded to a multiple of this
+SPAN_MULTIPLE = 32  # attention reads the cache up to the furthest position in use, rounded up to this
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled between two decoding steps (at least one prompt)
 
 
@@ -208,8 +209,9 @@ class Scheduler:
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
         n = ids.shape[1]
         positions = torch.arange(n, device=self.device)[None]
-        mask = (self.cols[None, :] <= positions[0, :, None])[None, None]  # (1, 1, n, context): causal
-        self.cache.bind(slice(slot, slot + 1), positions)
+        span = attention_span(n, self.context)
+        mask = (self.cols[None, :span] <= positions[0, :, None])[None, None]  # (1, 1, n, span): causal
+        self.cache.bind(slice(slot, slot + 1), positions, span)
         hidden = self.model(ids, position_ids=positions, attn_mask=mask, kv_cache=self.cache, return_hidden=True)[0]
         # the output projection over the last position alone, unless the prompt's own logprobs are asked for
         logits = self.model.lm_head(hidden if seq.prompt_logprobs else hidden[-1:])
@@ -243,8 +245,9 @@ class Scheduler:
             tokens[i], positions[i] = run.last_token, run.position
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]
-        mask = (self.cols[None, :] <= pos)[:, None, None, :]  # (hi, 1, 1, context): this token and before
-        self.cache.bind(slice(0, hi), pos)
+        span = attention_span(max(positions) + 1, self.context)
+        mask = (self.cols[None, :span] <= pos)[:, None, None, :]  # (hi, 1, 1, span): this token and before
+        self.cache.bind(slice(0, hi), pos, span)
         logits = self.model(tok, position_ids=pos, attn_mask=mask, kv_cache=self.cache)[:, -1]
         greedy = logits.argmax(-1).tolist()  # every row's greedy token in one call, not one per slot
         for i in active:
@@ -298,6 +301,12 @@ class Scheduler:
                 token, logprob, top, run.text, run.n_generated, finish, prompt_lp, is_stop_token=token in seq.stop_token_ids
             )
         )
+
+
+def attention_span(needed: int, context: int) -> int:
+    """The cache positions a forward pass reads: ``needed`` rounded up to a multiple of
+    ``SPAN_MULTIPLE`` (few distinct shapes), at most the context."""
+    return min(context, -(-needed // SPAN_MULTIPLE) * SPAN_MULTIPLE)
 
 
 def _first_stop(text: str, stops: list[str], seen: int) -> int:
