@@ -34,3 +34,14 @@ def test_near_dedup_benchmark_smoke():
     rows = dict(re.findall(r"^\| (datatrove[^|]*|codex-ml[^|]*?) +\| ([0-9.]+) \|", out, re.M))
     assert len(rows) == 2 and all(float(v) > 0 for v in rows.values()), out
     assert re.fullmatch(r"ratio: [0-9.]+", out.strip().splitlines()[-1]), out
+
+
+@pytest.mark.slow
+def test_data_scale_benchmark_smoke():
+    out = smoke("data_scale.py")
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \| (\d+) \|$", out, re.M)
+    assert len(rows) == 2, out
+    (small_mb, _, small_peak, *_, small_tokens), (big_mb, _, big_peak, *_, big_tokens) = rows
+    assert int(small_mb) < int(big_mb) and 0 < int(small_tokens) < int(big_tokens), out  # more corpus, more tokens
+    ratio = float(re.fullmatch(r"ratio: ([0-9.]+)", out.strip().splitlines()[-1]).group(1))
+    assert abs(ratio - int(small_peak) / int(big_peak)) <= 0.005, out  # the last line is the table's quotient
