@@ -105,3 +105,44 @@ def test_cluster_keep_prefers_prior_documents():
     sigs = np.stack([sig, sig, sig[::-1].copy()])
     result = cluster_keep(sigs, ["b", "a", "c"], 0.7, prior=np.array([True, False, False]))
     assert result.keep.tolist() == [True, False, True] and result.kept_instead == {1: 0}
+
+
+def test_borderline_estimates_are_decided_by_the_exact_similarity():
+    """A pair whose signatures agree on 0.68 of their entries (within 3 standard deviations of 0.7) is
+    decided by the exact similarity when the texts are at hand; a clear estimate is not second-guessed."""
+    base = np.arange(256, dtype=np.uint32)
+    near = base.copy()
+    near[: 256 - 174] += 1000  # agree on 174 of 256 = 0.68
+    far = base.copy()
+    far[128:] += 2000  # agree on 0.5 with the first (0.18 with the second): outside the border
+    asked = []
+
+    def exact(i: int, j: int) -> float | None:
+        asked.append((i, j))
+        return {(0, 1): 0.72, (0, 2): 0.99}.get((i, j))
+
+    sigs = np.stack([base, near, far])
+    keys = ["a", "b", "c"]
+    assert cluster_keep(sigs, keys, 0.7).keep.tolist() == [True, True, True]  # the estimate alone: 0.68 < 0.7
+    assert cluster_keep(sigs, keys, 0.7, exact=exact).keep.tolist() == [True, False, True]
+    assert (0, 2) not in asked  # 0.5 is no borderline case, whatever the exact figure would say
+    assert cluster_keep(sigs, keys, 0.7, exact=lambda i, j: None).keep.tolist() == [True, True, True]  # no text
+
+
+def test_exact_verification_catches_pairs_the_estimate_misses():
+    """Edited copies of standard-library modules: every pair at or above 0.7 exactly is found with the texts,
+    and none below it is merged."""
+    from codex_ml.data.near_dedup import jaccard as set_jaccard
+    from codex_ml.data.near_dedup import shingle_set
+
+    hasher, rng = MinHasher(MinHashSettings()), random.Random(7)
+    docs = []
+    for k, p in enumerate(stdlib_sample(12)):
+        a = p.read_text()
+        docs += [Document(f"{k}a", a), Document(f"{k}b", edited(a, rng))]
+    sigs = np.stack([hasher.signature(d.text) for d in docs])
+    sets = [shingle_set(hasher, d.text) for d in docs]
+    result = cluster_keep(sigs, [content_key(d.id, d.text) for d in docs], 0.7, exact=lambda i, j: set_jaccard(sets[i], sets[j]))
+    for k in range(0, len(docs), 2):
+        similar = set_jaccard(sets[k], sets[k + 1]) >= 0.7
+        assert int(result.keep[k]) + int(result.keep[k + 1]) == (1 if similar else 2), (docs[k].id, similar)

@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from codex_ml.data.clean import Document
 from codex_ml.data.decontaminate import BenchmarkItem, ContaminationIndex
-from codex_ml.data.near_dedup import DedupIndex, MinHasher, MinHashSettings, cluster_keep, content_key
+from codex_ml.data.near_dedup import (
+    DedupIndex,
+    MinHasher,
+    MinHashSettings,
+    cluster_keep,
+    content_key,
+    jaccard,
+    shingle_set,
+)
 from codex_ml.data.redact import RedactionError, placeholders_with, redact_document
 from codex_ml.data.workers import ordered_map
+
+EXACT_CACHE_DOCUMENTS = 4096  # shingle sets kept while borderline pairs are checked: memory stays bounded
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,7 @@ def _drop_near_duplicates(
         {d.id for d in docs},
         minhash,
         index_dir,
+        lambda j: docs[has_sig[j]].text,
     )
     drop = {has_sig[j] for j in range(len(has_sig)) if not keep[j]}
     report.near_duplicates = len(drop)
@@ -252,10 +264,12 @@ def near_duplicate_keep(
     current_ids: set[str],
     minhash: MinHashSettings,
     index_dir: Path | None,
+    text_of: Callable[[int], str] | None = None,
 ) -> np.ndarray:
     """Which of the documents with MinHash signatures ``sigs`` (their ``ids`` and ``content_key``s) to keep,
     against each other and the index of earlier runs in ``index_dir`` (updated there); ``current_ids``: every
-    document of this corpus, signed or not (an index entry for one of them is that document)."""
+    document of this corpus, signed or not (an index entry for one of them is that document); ``text_of``:
+    the text the signature of document ``j`` was made from, to check borderline pairs exactly."""
     index = DedupIndex.load(index_dir, minhash) if index_dir else DedupIndex.empty(minhash)
     earlier = set(zip(index.ids, index.keys))
     # an index entry for a document of this corpus is that document (its current version wins); the others
@@ -265,7 +279,15 @@ def near_duplicate_keep(
     all_sigs = np.concatenate([sigs, index.signatures[outside]]) if outside else sigs
     all_keys = list(keys) + [index.keys[i] for i in outside]
     prior = np.array([(i, k) in earlier for i, k in zip(ids, keys)] + [True] * len(outside), dtype=bool)
-    result = cluster_keep(all_sigs, all_keys, minhash.threshold, prior)
+    exact = None
+    if text_of is not None:
+        hasher = MinHasher(minhash)
+        shingles = lru_cache(maxsize=EXACT_CACHE_DOCUMENTS)(lambda j: shingle_set(hasher, text_of(j)))
+
+        def exact(i: int, j: int) -> float | None:
+            return jaccard(shingles(i), shingles(j)) if i < n_cur and j < n_cur else None  # index entries: no text
+
+    result = cluster_keep(all_sigs, all_keys, minhash.threshold, prior, exact)
     keep = result.keep[:n_cur]
     if index_dir is not None:
         kept_rows = np.flatnonzero(keep)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -100,3 +101,25 @@ def documents(directory: Path, code: int) -> Iterator[tuple[str, str]]:
             if c == code:
                 texts.seek(record.offset)
                 yield record.id, texts.read(record.length).decode("utf-8", "surrogatepass")
+
+
+class SpoolTexts:
+    """Reads single texts back from the spools' ``texts.bin`` files, each opened once."""
+
+    def __init__(self, spool_dirs: list[Path]) -> None:
+        self.spool_dirs = spool_dirs
+        self._files: dict[int, BinaryIO] = {}
+
+    def read(self, spool_index: int, offset: int, length: int) -> str:
+        f = self._files.get(spool_index)
+        if f is None:
+            f = self._files[spool_index] = open(self.spool_dirs[spool_index] / TEXTS, "rb")  # noqa: SIM115
+        f.seek(offset)
+        return f.read(length).decode("utf-8", "surrogatepass")
+
+    def __enter__(self) -> SpoolTexts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files.values():
+            f.close()

@@ -180,6 +180,7 @@ def decide(
     content = hashlib.sha256()
     keep = [bytearray() for _ in spool_dirs]  # per record: 1 kept so far
     candidates: list[tuple[int, int, int]] = []  # (spool, record, signature row) of the near-dedup candidates
+    places: list[tuple[int, int, int]] = []  # (spool, offset, length) of each candidate's text in its texts.bin
     cand_ids: list[str] = []
     cand_keys: list[str] = []
     current_ids: set[str] = set()
@@ -193,6 +194,7 @@ def decide(
                     current_ids.add(r.id)
                     if r.signature >= 0:
                         candidates.append((n, i, r.signature))
+                        places.append((n, r.offset, r.length))
                         cand_ids.append(r.id)
                         cand_keys.append(r.key + "\0" + r.id)  # content_key of the redacted text
     if not cleaning.kept:
@@ -202,7 +204,10 @@ def decide(
         raise DataError(f"{description}: content hash {digest} differs from the expected data.expected_sha256={expected_sha256}")
     if s.near_dedup:
         rows = _gather_signatures(spool_dirs, candidates, s.minhash.num_perm)
-        kept_mask = near_duplicate_keep(cand_ids, cand_keys, rows, current_ids, s.minhash, index_dir)
+        with spool.SpoolTexts(spool_dirs) as texts:
+            kept_mask = near_duplicate_keep(
+                cand_ids, cand_keys, rows, current_ids, s.minhash, index_dir, lambda j: texts.read(*places[j])
+            )
         for (n, i, _), k in zip(candidates, kept_mask):
             if not k:
                 keep[n][i] = 0
