@@ -5,9 +5,10 @@ and the same weights exported with ``codex-ml export`` for the anchor); the clie
 prompts from the standard library (mixed lengths, greedy, the same max_tokens) with Poisson arrivals at
 several request rates and at a fixed concurrency of 32, and reports requests/s, output tokens/s, time to
 first token and time per output token (median, p90, p99). The last line, ``ratio: X``, is our output
-tokens/s over the anchor's at 32 concurrent clients.
+tokens/s over the anchor's at 32 concurrent clients. Our server runs with ``serve.compile=true`` (a compiled
+decoding step, built at start-up), as one would serve under load; ``--no-compile`` measures the eager step.
 
-    python benchmarks/serve.py            # the tiny preset (trains it briefly first), about ten minutes on 2 cores
+    python benchmarks/serve.py            # the tiny preset (trains it briefly first), about five minutes on 2 cores
     python benchmarks/serve.py --smoke    # tiny shapes, a few requests: seconds
 """
 
@@ -211,6 +212,7 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0], help="Poisson arrival rates (requests/s)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="our server with serve.compile=true")
     p.add_argument("--anchor-app", help=argparse.SUPPRESS)  # internal: serve the anchor for this model folder
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -270,6 +272,7 @@ def main() -> None:
                     "serve.requests_per_minute=1000000",
                     "serve.tokens_per_minute=1000000000",
                     f"serve.keys_db={tmp / 'keys.db'}",
+                    f"serve.compile={str(args.compile).lower()}",
                     "device=cpu",
                 ],
                 ours_port,
@@ -294,7 +297,8 @@ def main() -> None:
     shape = "a 2-layer smoke shape" if args.smoke else "the tiny preset"
     print(
         f"model: {shape} ({args.train_steps} training steps), fp32 on CPU; {args.requests} streamed "
-        f"code completions per level, greedy, max_tokens {args.max_tokens}"
+        f"code completions per level, greedy, max_tokens {args.max_tokens}; codex-ml serve with "
+        f"serve.compile={str(args.compile).lower()}"
     )
     print(machine_line())
     print(f"\n| {'load':<16} | {'server':<22} | req/s | out tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) |")

@@ -71,6 +71,35 @@ def test_greedy_alone_equals_among_32_concurrent(loaded):
         assert a.logprobs == pytest.approx(t.logprobs, rel=0, abs=1e-5)  # the stated guarantee
 
 
+@pytest.mark.slow
+def test_the_compiled_step_decodes_as_the_eager_one_alone_or_among_others(loaded):
+    """serve.compile: one compiled step over every slot, built when the scheduler is made; a sequence decodes
+    bit-identically alone or among others (one graph, one shape), and as the eager step does within 1e-4."""
+    model, tok = loaded
+    ps, lengths = prompts(tok, 12), [4 + (i * 5) % 14 for i in range(12)]
+
+    def run(sched: Scheduler, together: bool) -> list[Collector]:
+        out = [Collector() for _ in ps]
+        if together:
+            sched.submit([greedy(p, n, c) for p, n, c in zip(ps, lengths, out)])
+        for p, n, c in zip(ps, lengths, out):
+            if not together:
+                sched.submit([greedy(p, n, c)])
+            assert c.done.wait(120)
+        return out
+
+    compiled = Scheduler(model, tok, max_batch=8, max_queue=16, compiled=True).start()
+    eager = Scheduler(model, tok, max_batch=8, max_queue=16).start()
+    try:
+        alone, together, plain = run(compiled, False), run(compiled, True), run(eager, True)
+    finally:
+        compiled.stop(30)
+        eager.stop(30)
+    for a, t, e in zip(alone, together, plain):
+        assert a.tokens == t.tokens and a.logprobs == t.logprobs
+        assert a.tokens[:3] == e.tokens[:3] and a.logprobs[:3] == pytest.approx(e.logprobs[:3], rel=0, abs=1e-4)
+
+
 def test_new_sequences_join_and_finished_ones_leave(loaded):
     model, tok = loaded
     sched = Scheduler(model, tok, max_batch=4, max_queue=8).start()

@@ -410,6 +410,7 @@ class ServeConfig:
     runs_root: str = "runs"  # jobs write run folders under this folder only
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     threads: int = 0  # torch's CPU threads for the model; 0: one less than the cores, the HTTP event loop keeps one
+    compile: bool = False  # one compiled decoding step over every slot, built at start-up (tens of seconds on CPU)
 
 
 @dataclass

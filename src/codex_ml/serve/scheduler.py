@@ -92,6 +92,7 @@ class Scheduler:
         max_queue: int,
         on_first_token: Callable[[float], None] | None = None,
         on_finished: Callable[[float, int], None] | None = None,
+        compiled: bool = False,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -108,6 +109,7 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="codex-ml-scheduler", daemon=True)
         self.error: BaseException | None = None
+        self._compiled_step = self._compile_full_step() if compiled else None
 
     # ------------------------------------------------------------------ any thread
 
@@ -234,9 +236,33 @@ class Scheduler:
                 self.slots[i] = None
                 run.seq.sink(TokenEvent(-1, None, None, run.text, run.n_generated, finish="cancelled"))
 
+    def _compile_full_step(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """One decoding step over every slot and the whole context, compiled once, here (tens of seconds on
+        CPU) rather than when the first requests wait: one shape, so nothing is ever recompiled, and every
+        sequence decodes through the same graph whatever its company."""
+
+        def full_step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            mask = (self.cols[None, :] <= pos)[:, None, None, :]
+            self.cache.bind(slice(0, tok.shape[0]), pos, self.context)
+            return self.model(tok, position_ids=pos, attn_mask=mask, kv_cache=self.cache)[:, -1]
+
+        if self.device.type == "cuda":
+            step = torch.compile(full_step, mode="reduce-overhead", dynamic=False)  # CUDA graphs
+        else:
+            step = torch.compile(full_step, dynamic=False, options={"cpp_wrapper": True})
+        rows = self.cache.k[0].shape[0]
+        with torch.inference_mode():  # as the scheduler thread calls it: another grad mode would recompile
+            zeros = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+            # two tensors, as in use (one passed twice would be guarded as aliased); the step writes position 0
+            # of every free slot, which a prefill overwrites
+            step(zeros, zeros.clone())
+        return step
+
     def _decode_step(self) -> None:
         active = [i for i, s in enumerate(self.slots) if s is not None]
         hi = min(self.cache.k[0].shape[0], -(-(active[-1] + 1) // ROW_MULTIPLE) * ROW_MULTIPLE)
+        if self._compiled_step is not None:
+            hi = self.cache.k[0].shape[0]  # the compiled step's one shape: every slot
         tokens = [self.tokenizer.pad_id] * hi
         positions = [0] * hi  # idle rows write position 0 of their free slot, which prefill overwrites
         for i in active:
@@ -245,10 +271,13 @@ class Scheduler:
             tokens[i], positions[i] = run.last_token, run.position
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]
-        span = attention_span(max(positions) + 1, self.context)
-        mask = (self.cols[None, :span] <= pos)[:, None, None, :]  # (hi, 1, 1, span): this token and before
-        self.cache.bind(slice(0, hi), pos, span)
-        logits = self.model(tok, position_ids=pos, attn_mask=mask, kv_cache=self.cache)[:, -1]
+        if self._compiled_step is not None:
+            logits = self._compiled_step(tok, pos)
+        else:
+            span = attention_span(max(positions) + 1, self.context)
+            mask = (self.cols[None, :span] <= pos)[:, None, None, :]  # (hi, 1, 1, span): this token and before
+            self.cache.bind(slice(0, hi), pos, span)
+            logits = self.model(tok, position_ids=pos, attn_mask=mask, kv_cache=self.cache)[:, -1]
         greedy = logits.argmax(-1).tolist()  # every row's greedy token in one call, not one per slot
         for i in active:
             run = self.slots[i]

@@ -100,7 +100,7 @@ def build(cfg: ServeCommandConfig, quiet: bool = False) -> tuple[ASGIApp, FastAP
     from codex_ml.serve.jobs import JobManager
 
     jobs = JobManager(state_dir, runs_root=s.runs_root, data_root=s.data_root)
-    scheduler = Scheduler(model, tokenizer, s.max_batch, s.max_queue)
+    scheduler = Scheduler(model, tokenizer, s.max_batch, s.max_queue, compiled=s.compile)
     served = ServedModel(model_id, tokenizer, tok_dir, scheduler)
     settings = AppSettings(
         Caps(s.max_tokens, s.max_n, s.max_prompts, s.max_stop, s.max_stop_chars, s.max_logprobs),
