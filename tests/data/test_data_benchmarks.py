@@ -45,3 +45,24 @@ def test_data_scale_benchmark_smoke():
     assert int(small_mb) < int(big_mb) and 0 < int(small_tokens) < int(big_tokens), out  # more corpus, more tokens
     ratio = float(re.fullmatch(r"ratio: ([0-9.]+)", out.strip().splitlines()[-1]).group(1))
     assert abs(ratio - int(small_peak) / int(big_peak)) <= 0.005, out  # the last line is the table's quotient
+
+
+@pytest.mark.slow
+def test_decontamination_benchmark_smoke():
+    out = smoke("decontamination.py")
+    rows = {
+        name: [int(n) for n in counts]
+        for name, *counts in re.findall(r"^\| ([^|]+?) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| [0-9.]+ \|$", out, re.M)
+    }
+    assert set(rows) == {"verbatim", "reformatted", "renamed", "clean stdlib (false positives)"}, out
+    planted, exact, _, caught = rows["verbatim"]
+    assert planted == 10 and exact == caught == planted, out  # verbatim copies are all caught, by exact
+    assert rows["clean stdlib (false positives)"][3] == 0, out
+    last = re.fullmatch(
+        r"caught: ([0-9.]+) of planted items overall; false positives: (\d+) of (\d+) clean documents",
+        out.strip().splitlines()[-1],
+    )
+    assert last and last.group(2) == "0" and int(last.group(3)) == rows["clean stdlib (false positives)"][0], out
+    variants = [v for name, v in rows.items() if not name.startswith("clean")]
+    share = sum(v[3] for v in variants) / sum(v[0] for v in variants)
+    assert abs(float(last.group(1)) - share) <= 0.0005, out  # the last line is the table's total
