@@ -70,7 +70,8 @@ def serving_threads(configured: int) -> int:
     every core, the loop preempts one of them inside each parallel region and the others wait at its
     barrier, so decoding slows down more than one thread fewer costs (measured in docs/benchmarks.md).
     """
-    return configured or max(1, len(os.sched_getaffinity(0)) - 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux: the allowed ones
+    return configured or max(1, cores - 1)
 
 
 def check_exposure(s: ServeConfig, keys: KeyStore | None) -> None:
