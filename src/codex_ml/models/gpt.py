@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,17 @@ import torch.utils.checkpoint
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
+
+
+class CacheShape(Protocol):
+    """What a KV cache needs to know of a decoder: ``GPTConfig``, or a wrapped Hugging Face model's dims."""
+
+    @property
+    def n_layer(self) -> int: ...
+    @property
+    def n_kv_head(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
 
 
 @dataclass
@@ -92,7 +103,7 @@ class KVCache:
     """
 
     def __init__(
-        self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None, dtype: torch.dtype | None
+        self, config: CacheShape, batch_size: int, max_len: int, device: torch.device | str | None, dtype: torch.dtype | None
     ) -> None:
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -153,7 +164,7 @@ class SlotKVCache(KVCache):
     """
 
     def __init__(
-        self, config: GPTConfig, n_slots: int, max_len: int, device: torch.device | str | None, dtype: torch.dtype | None
+        self, config: CacheShape, n_slots: int, max_len: int, device: torch.device | str | None, dtype: torch.dtype | None
     ) -> None:
         super().__init__(config, n_slots, max_len, device, dtype)
         self.rows = slice(0, n_slots)

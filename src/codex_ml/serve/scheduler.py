@@ -30,6 +30,7 @@ from codex_ml.eval.generate import SamplingSettings, next_tokens
 if TYPE_CHECKING:
     from codex_ml.tokenizer.core import CodeTokenizer
 from codex_ml.models.gpt import GPT, SlotKVCache
+from codex_ml.serve.hf_decoder import HFSlotDecoder
 
 ROW_MULTIPLE = 4  # see the module docstring: decoding batches are padded to a multiple of this
 SPAN_MULTIPLE = 32  # attention reads the cache up to the furthest position in use, rounded up to this
@@ -86,7 +87,7 @@ class Scheduler:
 
     def __init__(
         self,
-        model: GPT,
+        model: GPT | HFSlotDecoder,
         tokenizer: CodeTokenizer,
         max_batch: int,
         max_queue: int,
@@ -214,9 +215,13 @@ class Scheduler:
         span = attention_span(n, self.context)
         mask = (self.cols[None, :span] <= positions[0, :, None])[None, None]  # (1, 1, n, span): causal
         self.cache.bind(slice(slot, slot + 1), positions, span)
-        hidden = self.model(ids, position_ids=positions, attn_mask=mask, kv_cache=self.cache, return_hidden=True)[0]
         # the output projection over the last position alone, unless the prompt's own logprobs are asked for
-        logits = self.model.lm_head(hidden if seq.prompt_logprobs else hidden[-1:])
+        if isinstance(self.model, GPT):
+            hidden = self.model(ids, position_ids=positions, attn_mask=mask, kv_cache=self.cache, return_hidden=True)[0]
+            logits = self.model.lm_head(hidden if seq.prompt_logprobs else hidden[-1:])
+        else:
+            keep = 0 if seq.prompt_logprobs else 1
+            logits = self.model(ids, position_ids=positions, attn_mask=mask, kv_cache=self.cache, logits_to_keep=keep)[0]
         s = seq.settings
         generator = None
         if s.temperature > 0:

@@ -1,7 +1,8 @@
 """Recipe: `codex-ml serve`, a run's model behind the OpenAI-compatible API until SIGTERM.
 
 Loads the model (a native run, a ``model=hf`` or LoRA run merged, or an exported Hugging Face folder
-with ``serve.model_path``; Llama-family models run in the native decoder, which the scheduler needs),
+with ``serve.model_path``; Llama-family models run in the native decoder, other architectures in their
+own layers over the scheduler's cache, ``serve/hf_decoder.py``),
 refuses unsafe set-ups (no auth off loopback, a public address without keys), prints the URL and the
 model id, and serves. SIGTERM (or Ctrl-C) stops accepting, lets in-flight requests finish within
 ``serve.drain_timeout_s``, stops the jobs' workers so they checkpoint, and exits 0.
@@ -25,6 +26,7 @@ from codex_ml.models.gpt import GPT
 from codex_ml.serve.app import AppSettings, create_app
 from codex_ml.serve.auth import KeyStore
 from codex_ml.serve.generation import ServedModel
+from codex_ml.serve.hf_decoder import HFSlotDecoder, wrap_hf_model
 from codex_ml.serve.limits import Caps
 from codex_ml.serve.request_log import REQUEST_LOG_FILE, RequestLog
 from codex_ml.serve.scheduler import Scheduler
@@ -34,11 +36,11 @@ from codex_ml.training.device import resolve_device
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.types import ASGIApp
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
-def load_served_model(cfg: ServeCommandConfig, device: torch.device) -> tuple[GPT, CodeTokenizer, Path, str]:
-    """(native model in eval mode, tokenizer, tokenizer folder, model id)."""
+def load_served_model(cfg: ServeCommandConfig, device: torch.device) -> tuple[GPT | HFSlotDecoder, CodeTokenizer, Path, str]:
+    """(decoder in eval mode, tokenizer, tokenizer folder, model id)."""
     model: torch.nn.Module
     if cfg.serve.model_path:
         from codex_ml.models.hf import load_hf_causal_lm
@@ -53,14 +55,37 @@ def load_served_model(cfg: ServeCommandConfig, device: torch.device) -> tuple[GP
         run_dir = Path(cfg.run_dir).expanduser().resolve()
         model, _, _ = load_run_model(run_dir, cfg.checkpoint, torch.device("cpu"))
         tok_dir, default_id = run_dir / TOKENIZER_DIR, run_dir.name
-    if not isinstance(model, GPT):
-        from codex_ml.models.convert import hf_to_native
-
-        model = hf_to_native(cast("PreTrainedModel", model))  # ConversionError (a CodexError) names what the native decoder lacks
-    model = model.to(device).eval()
+    decoder = model if isinstance(model, GPT) else to_decoder(cast("PreTrainedModel", model.to(device)), cfg.serve.compile)
+    decoder = decoder.to(device).eval()
     if device.type == "cpu":
-        model.fuse_for_inference()  # as codex-ml generate decodes on CPU: one matmul for q/k/v, one for gate/up
-    return model, CodeTokenizer.load(tok_dir), tok_dir, cfg.serve.model_id or default_id
+        decoder.fuse_for_inference()  # as codex-ml generate decodes on CPU: one matmul for q/k/v, one for gate/up
+    return decoder, CodeTokenizer.load(tok_dir), tok_dir, cfg.serve.model_id or default_id
+
+
+def to_decoder(model: PreTrainedModel, compile: bool) -> GPT | HFSlotDecoder:
+    """A Hugging Face model for the scheduler: the native decoder where its weights map exactly (the Llama
+    family), else the model's own layers over the slot cache (checked against its own forward)."""
+    from codex_ml.models.convert import hf_to_native
+
+    if maps_to_native(model.config):
+        return hf_to_native(model)
+    if compile:
+        raise CodexError(
+            f"serve.compile=true compiles the native decoder, and this {model.config.model_type} model runs in its own "
+            "layers: serve it with serve.compile=false"
+        )
+    vocab = model.config.get_text_config().vocab_size
+    return wrap_hf_model(model, [i % vocab for i in range(1, 17)])
+
+
+def maps_to_native(config: PretrainedConfig) -> bool:
+    from codex_ml.models.convert import ConversionError, gpt_config_from_llama
+
+    try:
+        gpt_config_from_llama(config)
+    except ConversionError:
+        return False
+    return True
 
 
 def serving_threads(configured: int) -> int:
