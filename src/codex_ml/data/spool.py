@@ -89,6 +89,49 @@ def signatures(directory: Path, num_perm: int) -> np.ndarray:
     return np.fromfile(directory / SIGNATURES, dtype=np.uint32).reshape(-1, num_perm)
 
 
+class SpoolSignatures:
+    """The signatures of some records of several spools, read from their ``signatures.u32`` on demand and never
+    all at once (a ``near_dedup.SignatureSource``): document k is row ``rows[k]`` of spool ``spool_of[k]``, both
+    ascending in k."""
+
+    CHUNK_ROWS = 16384  # rows read at a time for a band: 16 MB at 256 permutations
+
+    def __init__(self, spool_dirs: list[Path], spool_of: np.ndarray, rows: np.ndarray, num_perm: int) -> None:
+        self.spool_dirs = spool_dirs
+        self.shape = (len(rows), num_perm)
+        self._rows = rows
+        self._starts = np.searchsorted(spool_of, np.arange(len(spool_dirs) + 1))  # each spool's first document
+
+    def band(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((self.shape[0], stop - start), dtype=np.uint32)
+        for n, directory in enumerate(self.spool_dirs):
+            k, end = int(self._starts[n]), int(self._starts[n + 1])
+            while k < end:
+                first = int(self._rows[k])
+                upto = k + int(np.searchsorted(self._rows[k:end], first + self.CHUNK_ROWS))  # documents in this chunk
+                chunk = self._read(directory, first, int(self._rows[upto - 1]) + 1 - first)
+                out[k:upto] = chunk[self._rows[k:upto] - first, start:stop]
+                k = upto
+        return out
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.shape[1]), dtype=np.uint32)
+        spool_of = np.searchsorted(self._starts, indices, side="right") - 1
+        for n in np.unique(spool_of):
+            mine = spool_of == n
+            # mapped for this call alone: the pages it touched leave with it, so what stays resident is bounded
+            mapped = np.memmap(self.spool_dirs[n] / SIGNATURES, dtype=np.uint32, mode="r").reshape(-1, self.shape[1])
+            out[mine] = mapped[self._rows[indices[mine]]]
+            del mapped
+        return out
+
+    def _read(self, directory: Path, first: int, count: int) -> np.ndarray:
+        num_perm = self.shape[1]
+        data = np.fromfile(directory / SIGNATURES, dtype=np.uint32, count=count * num_perm, offset=first * num_perm * 4)
+        return data.reshape(count, num_perm)
+
+
 def split_codes(directory: Path) -> np.ndarray:
     return np.fromfile(directory / SPLITS, dtype=np.uint8)
 
