@@ -85,10 +85,6 @@ def records(directory: Path) -> Iterator[Record]:
             yield Record.from_json(line)
 
 
-def signatures(directory: Path, num_perm: int) -> np.ndarray:
-    return np.fromfile(directory / SIGNATURES, dtype=np.uint32).reshape(-1, num_perm)
-
-
 class SpoolSignatures:
     """The signatures of some records of several spools, read from their ``signatures.u32`` on demand and never
     all at once (a ``near_dedup.SignatureSource``): document k is row ``rows[k]`` of spool ``spool_of[k]``, both
