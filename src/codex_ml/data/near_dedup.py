@@ -276,21 +276,31 @@ def _unjoined_candidates(keys: np.ndarray, roots: np.ndarray) -> np.ndarray:
     """The candidate pairs of one band (each member of a bucket with its neighbour in sorted order and with the
     bucket's first member) not yet in one component, as sorted distinct codes i * n + j with i < j."""
     order = np.argsort(keys, kind="stable")
-    same = keys[order[1:]] == keys[order[:-1]]
+    sorted_keys = keys[order]
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    del sorted_keys  # here and below: arrays of n freed as soon as done with, to keep the peak low
     later = np.flatnonzero(same) + 1  # places in ``order`` of every bucket member but the first
     if not len(later):
         return np.zeros(0, dtype=np.int64)
     starts = np.flatnonzero(np.concatenate(([True], ~same)))  # of the buckets, in ``order``
+    del same
     first = order[starts[np.searchsorted(starts, later, side="right") - 1]]
-    member = order[later]
-    return np.unique(np.concatenate([_pair_codes(order[later - 1], member, roots), _pair_codes(first, member, roots)]))
+    del starts
+    member, neighbour = order[later], order[later - 1]
+    del later, order
+    codes = np.concatenate([_pair_codes(neighbour, member, roots), _pair_codes(first, member, roots)])
+    del neighbour, member, first
+    return np.unique(codes)
 
 
 def _pair_codes(a: np.ndarray, b: np.ndarray, roots: np.ndarray) -> np.ndarray:
     """The pairs (a[k], b[k]) whose documents lie in different components, as i * n + j with i < j."""
     apart = roots[a] != roots[b]
     a, b = a[apart], b[apart]
-    return np.minimum(a, b) * len(roots) + np.maximum(a, b)
+    codes = np.minimum(a, b)
+    codes *= len(roots)
+    codes += np.maximum(a, b)
+    return codes
 
 
 def _verified(
@@ -370,7 +380,11 @@ def content_ranks(digests: np.ndarray, ids_of: Callable[[np.ndarray], Sequence[s
     n = len(digests)
     flat = np.ascontiguousarray(digests, dtype=np.uint8).view("S32").ravel()  # compared as bytes; all 32 long
     order = np.argsort(flat, kind="stable")
-    same = flat[order[1:]] == flat[order[:-1]]
+    head = flat.view(np.uint64)[::4][order]  # equal digests have equal first 8 bytes: all 32 compared only then
+    same = head[1:] == head[:-1]
+    del head
+    maybe = np.flatnonzero(same)
+    same[maybe] = flat[order[maybe]] == flat[order[maybe + 1]]
     if same.any():
         tied = np.zeros(n, dtype=bool)
         tied[1:] |= same

@@ -10,6 +10,7 @@ raw arrays, not pickle, so reading one back can never run code.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -106,7 +107,8 @@ class SpoolSignatures:
                 first = int(self._rows[k])
                 upto = k + int(np.searchsorted(self._rows[k:end], first + self.CHUNK_ROWS))  # documents in this chunk
                 chunk = self._read(directory, first, int(self._rows[upto - 1]) + 1 - first)
-                out[k:upto] = chunk[self._rows[k:upto] - first, start:stop]
+                out[k:upto] = chunk[:, start:stop][self._rows[k:upto] - first]  # the columns first: no copy of whole rows
+                del chunk  # before the next is read: one chunk at a time
                 k = upto
         return out
 
@@ -114,12 +116,14 @@ class SpoolSignatures:
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), self.shape[1]), dtype=np.uint32)
         spool_of = np.searchsorted(self._starts, indices, side="right") - 1
+        size = self.shape[1] * 4
         for n in np.unique(spool_of):
             mine = spool_of == n
-            # mapped for this call alone: the pages it touched leave with it, so what stays resident is bounded
-            mapped = np.memmap(self.spool_dirs[n] / SIGNATURES, dtype=np.uint32, mode="r").reshape(-1, self.shape[1])
-            out[mine] = mapped[self._rows[indices[mine]]]
-            del mapped
+            wanted, place = np.unique(self._rows[indices[mine]], return_inverse=True)
+            # read row by row, not mapped: a map would count the pages around every row read as resident
+            with open(self.spool_dirs[n] / SIGNATURES, "rb") as f:
+                data = b"".join([os.pread(f.fileno(), size, row * size) for row in wanted.tolist()])
+            out[mine] = np.frombuffer(data, dtype=np.uint32).reshape(-1, self.shape[1])[place]
         return out
 
     def _read(self, directory: Path, first: int, count: int) -> np.ndarray:
