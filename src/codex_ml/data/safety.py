@@ -288,10 +288,9 @@ class EarlierRuns:
         return np.array([k for k, doc_id in enumerate(self.index.ids) if doc_id not in self._met], dtype=np.int64)
 
     def save(self, ids: list[str], keys: list[str], signatures: np.ndarray) -> None:
-        """The index for later runs: this run's kept documents (their ids, content keys and signatures), then the
-        entries outside this corpus."""
-        if self.index_dir is None:
-            return
+        """The index for later runs into ``index_dir``: this run's kept documents (their ids, content keys and
+        signatures), then the entries outside this corpus."""
+        assert self.index_dir is not None, "an index is saved where it was loaded from"
         outside = self.outside()
         index = self.index
         DedupIndex(
