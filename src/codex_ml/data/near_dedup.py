@@ -7,14 +7,16 @@ hashes, and each of ``num_perm`` hash functions is a multiply-add-shift of the s
 its minimum over the shingles one signature entry. A signature depends on the text alone, so the
 worker that computes it does not matter.
 
-Clustering sees every signature at once: documents that share a band of ``rows`` signature entries
-are candidates (bands shaped for ``threshold - 0.2``), a candidate pair whose signatures agree on at
-least ``threshold`` of their entries (the estimated Jaccard similarity) is an edge; where the estimate is
+Clustering covers every signature: documents that share a band of ``rows`` signature entries are
+candidates (bands shaped for ``threshold - 0.2``), a candidate pair whose signatures agree on at least
+``threshold`` of their entries (the estimated Jaccard similarity) is an edge; where the estimate is
 within three standard deviations of the threshold and both texts are at hand, their exact shingle
 similarity decides instead (the estimate alone loses about half of the pairs just above the threshold).
-From each connected component one document is kept: one already kept by an earlier run (the persisted index),
-else the one with the smallest content hash. The
-result depends on neither the order of the input nor the number of workers.
+It goes band by band into a union-find, verifying only the pairs not yet connected, and reads the
+signatures through a ``SignatureSource`` (a spool's file, say), so its memory is a few numbers per
+document. From each connected component one document is kept: one already kept by an earlier run (the
+persisted index), else the one with the smallest content hash. The result depends on neither the order
+of the input nor the number of workers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -34,6 +37,8 @@ _SEED = 0x5EED_C0DE  # fixed: signatures must not change between runs or machine
 INDEX_FILE = "near_dedup_index.npz"
 CANDIDATE_MARGIN = 0.2  # bands shaped for threshold - 0.2: at 0.7, 42 bands of 6 miss 0.5% of pairs at 0.7
 BORDER_SIGMAS = 3.0  # estimates this many standard deviations from the threshold are checked exactly
+VERIFY_BATCH = 8192  # candidate pairs verified at a time: the signatures gathered for them stay a few MB
+KEY_CHUNK = 65536  # documents whose band keys are computed at a time
 
 # ASCII word characters; every code point >= 128 counts as one too (letters in other scripts)
 _WORD_ASCII = np.zeros(128, dtype=bool)
@@ -144,7 +149,63 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 @dataclass
 class DedupResult:
     keep: np.ndarray  # bool per input document
-    kept_instead: dict[int, int]  # dropped document -> the document kept for its cluster (-1: an earlier run's)
+    winner: np.ndarray  # per document: the document kept for its cluster (itself when kept)
+
+    @property
+    def kept_instead(self) -> dict[int, int]:
+        """Dropped document -> the document kept for its cluster."""
+        dropped = np.flatnonzero(~self.keep)
+        return dict(zip(dropped.tolist(), self.winner[dropped].tolist()))
+
+
+class SignatureSource(Protocol):
+    """MinHash signatures (``shape``: documents x num_perm) read on demand, so that clustering never holds them all."""
+
+    shape: tuple[int, int]
+
+    def band(self, start: int, stop: int) -> np.ndarray:
+        """Entries ``start:stop`` of every signature (documents x (stop - start) uint32)."""
+        ...
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """The whole signatures of the documents at ``indices`` (len(indices) x num_perm uint32)."""
+        ...
+
+
+class ArraySignatures:
+    """A ``SignatureSource`` over signatures held in memory (n x num_perm uint32)."""
+
+    def __init__(self, signatures: np.ndarray) -> None:
+        self.signatures = signatures
+        self.shape = (signatures.shape[0], signatures.shape[1])
+
+    def band(self, start: int, stop: int) -> np.ndarray:
+        return self.signatures[:, start:stop]
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        return self.signatures[indices]
+
+
+class StackedSignatures:
+    """A ``SignatureSource`` of several, one after another (this run's documents, then an earlier run's)."""
+
+    def __init__(self, parts: Sequence[SignatureSource]) -> None:
+        self.parts = list(parts)
+        self._starts = np.cumsum([0] + [p.shape[0] for p in self.parts])
+        self.shape = (int(self._starts[-1]), self.parts[0].shape[1])
+
+    def band(self, start: int, stop: int) -> np.ndarray:
+        return np.concatenate([p.band(start, stop) for p in self.parts])
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        part_of = np.searchsorted(self._starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.shape[1]), dtype=np.uint32)
+        for k, part in enumerate(self.parts):
+            mine = part_of == k
+            if mine.any():
+                out[mine] = part.rows(indices[mine] - self._starts[k])
+        return out
 
 
 def shingle_set(hasher: MinHasher, text: str) -> np.ndarray:
@@ -159,92 +220,191 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cluster_keep(
-    signatures: np.ndarray,
-    content_keys: Sequence[str],
+    signatures: np.ndarray | SignatureSource,
+    content_keys: Sequence[str] | np.ndarray,
     threshold: float,
     prior: np.ndarray | None = None,
     exact: Callable[[int, int], float | None] | None = None,
 ) -> DedupResult:
-    """Which of the documents whose ``signatures`` (n x num_perm) are given to keep: one per cluster.
+    """Which of the documents whose ``signatures`` (n x num_perm, in memory or a ``SignatureSource``) are given to
+    keep: one per cluster.
 
-    ``content_keys``: a stable key per document (its content hash and id) that picks the kept one;
-    ``prior``: True for documents an earlier run kept (index entries): they win their cluster;
-    ``exact``: the exact Jaccard similarity of two documents, or None where their texts are not at hand
-    (index entries); it decides the candidate pairs whose estimate is too close to the threshold to tell.
+    ``content_keys``: a stable key per document (its ``content_key``) that picks the kept one, or an array in the
+    same order (``content_ranks``); ``prior``: True for documents an earlier run kept (index entries): they win
+    their cluster; ``exact``: the exact Jaccard similarity of two documents, or None where their texts are not at
+    hand (index entries); it decides the candidate pairs whose estimate is too close to the threshold to tell.
     """
-    n, num_perm = signatures.shape
-    prior = np.zeros(n, dtype=bool) if prior is None else prior
-    parent = np.arange(n)
+    source = ArraySignatures(signatures) if isinstance(signatures, np.ndarray) else signatures
+    n, num_perm = source.shape
+    prior = np.zeros(n, dtype=bool) if prior is None else np.asarray(prior, dtype=bool)
+    parent = np.arange(n)  # union-find; a component's root is its smallest member, and between bands every
+    # document points straight at it
     if n > 1:
         # candidates from an S-curve rising well below the threshold, so that pairs just above it collide in some
         # band (at the threshold's own S-curve a third of the pairs at 0.73 never would, and 15% of those at 0.7
         # still miss with bands shaped for 0.6); verifying each candidate then keeps the precision
         bands, rows = optimal_bands(max(threshold - CANDIDATE_MARGIN, 0.05), num_perm)
         multipliers = _mix(np.arange(1, rows + 1, dtype=np.uint64))
-        edges = []
+        border = BORDER_SIGMAS * math.sqrt(threshold * (1.0 - threshold) / num_perm)
+        # band by band straight into the union-find: a pair already in one component needs no verifying, and
+        # leaving it out cannot change the components, so memory is a few arrays of n whatever the candidates
         for b in range(bands):
-            band = signatures[:, b * rows : (b + 1) * rows].astype(np.uint64)
-            keys = _mix((band * multipliers).sum(axis=1, dtype=np.uint64) ^ np.uint64(b))
-            order = np.argsort(keys, kind="stable")
-            same = keys[order[1:]] == keys[order[:-1]]
-            if not same.any():
-                continue
-            # each member of a bucket to its neighbour in sorted order and to the bucket's first member
-            run_start = np.maximum.accumulate(np.where(np.concatenate(([True], ~same)), np.arange(n), 0))
-            idx = np.flatnonzero(same) + 1
-            edges.append(np.stack([order[idx - 1], order[idx]], axis=1))
-            edges.append(np.stack([order[run_start[idx]], order[idx]], axis=1))
-        if edges:
-            pairs = np.unique(np.sort(np.concatenate(edges), axis=1), axis=0)
-            pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-            agree = (
-                np.concatenate(
-                    [
-                        (signatures[pairs[lo : lo + 65536, 0]] == signatures[pairs[lo : lo + 65536, 1]]).mean(axis=1)
-                        for lo in range(0, len(pairs), 65536)
-                    ]
-                )
-                if len(pairs)
-                else np.zeros(0)
-            )
-            edge = agree >= threshold
-            if exact is not None:
-                border = BORDER_SIGMAS * math.sqrt(threshold * (1.0 - threshold) / num_perm)
-                for k in np.flatnonzero(np.abs(agree - threshold) < border):
-                    similarity = exact(int(pairs[k, 0]), int(pairs[k, 1]))
-                    if similarity is not None:
-                        edge[k] = similarity >= threshold
-            for i, j in pairs[edge]:
-                ri, rj = _find(parent, int(i)), _find(parent, int(j))
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([_find(parent, i) for i in range(n)])
-    winner: dict[int, int] = {}
-    for i in range(n):
-        r = roots[i]
-        w = winner.get(r)
-        if w is None or (not prior[i], content_keys[i]) < (not prior[w], content_keys[w]):
-            winner[r] = i
-    keep = np.zeros(n, dtype=bool)
-    kept_instead = {}
-    for i in range(n):
-        w = winner[roots[i]]
-        keep[i] = w == i
-        if w != i:
-            kept_instead[i] = w
-    return DedupResult(keep, kept_instead)
+            keys = _band_keys(source.band(b * rows, (b + 1) * rows), b, multipliers)
+            pairs = _unjoined_candidates(keys, parent)
+            del keys
+            for lo in range(0, len(pairs), VERIFY_BATCH):
+                i, j = np.divmod(pairs[lo : lo + VERIFY_BATCH], n)
+                apart = _roots(parent, i) != _roots(parent, j)  # an earlier batch of this band may have joined them
+                i, j = i[apart], j[apart]
+                if len(i):
+                    joined = _verified(source, i, j, threshold, border, exact)
+                    _union(parent, i[joined], j[joined])
+            _compress(parent)
+    return _one_per_cluster(parent, content_keys, prior)
 
 
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = int(parent[i])
-    return i
+def _band_keys(band: np.ndarray, b: int, multipliers: np.ndarray) -> np.ndarray:
+    """Each document's bucket in band ``b``: a hash of its entries there and of ``b``."""
+    keys = np.empty(len(band), dtype=np.uint64)
+    for lo in range(0, len(band), KEY_CHUNK):  # a chunk at a time: the uint64 products take 8 bytes an entry
+        part = band[lo : lo + KEY_CHUNK].astype(np.uint64)
+        keys[lo : lo + KEY_CHUNK] = _mix((part * multipliers).sum(axis=1, dtype=np.uint64) ^ np.uint64(b))
+    return keys
+
+
+def _unjoined_candidates(keys: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    """The candidate pairs of one band (each member of a bucket with its neighbour in sorted order and with the
+    bucket's first member) not yet in one component, as sorted distinct codes i * n + j with i < j."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    del sorted_keys  # here and below: arrays of n freed as soon as done with, to keep the peak low
+    later = np.flatnonzero(same) + 1  # places in ``order`` of every bucket member but the first
+    if not len(later):
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))  # of the buckets, in ``order``
+    del same
+    first = order[starts[np.searchsorted(starts, later, side="right") - 1]]
+    del starts
+    member, neighbour = order[later], order[later - 1]
+    del later, order
+    codes = np.concatenate([_pair_codes(neighbour, member, roots), _pair_codes(first, member, roots)])
+    del neighbour, member, first
+    return np.unique(codes)
+
+
+def _pair_codes(a: np.ndarray, b: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    """The pairs (a[k], b[k]) whose documents lie in different components, as i * n + j with i < j."""
+    apart = roots[a] != roots[b]
+    a, b = a[apart], b[apart]
+    codes = np.minimum(a, b)
+    codes *= len(roots)
+    codes += np.maximum(a, b)
+    return codes
+
+
+def _verified(
+    source: SignatureSource,
+    i: np.ndarray,
+    j: np.ndarray,
+    threshold: float,
+    border: float,
+    exact: Callable[[int, int], float | None] | None,
+) -> np.ndarray:
+    """Which pairs (i[k], j[k]) are near-duplicates: signatures that agree on at least ``threshold`` of their
+    entries, or, for an estimate within ``border`` of it, an exact similarity of at least ``threshold``."""
+    agree = (source.rows(i) == source.rows(j)).mean(axis=1)
+    edge = agree >= threshold
+    if exact is not None:
+        for k in np.flatnonzero(np.abs(agree - threshold) < border):
+            similarity = exact(int(i[k]), int(j[k]))
+            if similarity is not None:
+                edge[k] = similarity >= threshold
+    return edge
+
+
+def _roots(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """The root of each of ``nodes`` by pointer jumping; they point straight at it afterwards."""
+    roots = parent[nodes]
+    while True:
+        up = parent[roots]
+        if np.array_equal(up, roots):
+            break
+        roots = up
+    parent[nodes] = roots
+    return roots
+
+
+def _union(parent: np.ndarray, i: np.ndarray, j: np.ndarray) -> None:
+    """Joins the components of each pair (i[k], j[k]). Every root is hooked under a smaller one, so no cycle can
+    form and a component's root stays its smallest member; each round hooks at least one, until all are joined."""
+    while len(i):
+        ri, rj = _roots(parent, i), _roots(parent, j)
+        apart = ri != rj
+        i, j, ri, rj = i[apart], j[apart], ri[apart], rj[apart]
+        np.minimum.at(parent, np.maximum(ri, rj), np.minimum(ri, rj))
+
+
+def _compress(parent: np.ndarray) -> None:
+    """Every document pointed straight at its root."""
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return
+        parent[:] = up
+
+
+def _one_per_cluster(roots: np.ndarray, content_keys: Sequence[str] | np.ndarray, prior: np.ndarray) -> DedupResult:
+    """Each cluster's winner: an earlier run's document first, then the smallest content key (equal keys: the
+    first document)."""
+    n = len(roots)
+    rank = np.empty(n, dtype=np.int64)
+    if isinstance(content_keys, np.ndarray):
+        rank[np.argsort(content_keys, kind="stable")] = np.arange(n)
+    else:
+        rank[np.fromiter(sorted(range(n), key=content_keys.__getitem__), dtype=np.int64, count=n)] = np.arange(n)
+    order = np.lexsort((rank, ~prior, roots))  # by cluster, then in the order of preference
+    del rank
+    first = np.ones(n, dtype=bool)
+    first[1:] = roots[order[1:]] != roots[order[:-1]]
+    winner_of_root = np.empty(n, dtype=np.int64)
+    winner_of_root[roots[order[first]]] = order[first]
+    winner = winner_of_root[roots]
+    return DedupResult(winner == np.arange(n), winner)
+
+
+def content_ranks(digests: np.ndarray, ids_of: Callable[[np.ndarray], Sequence[str]]) -> np.ndarray:
+    """Each document's place in the order of ``content_key``s, from the SHA-256 digests of their texts (n x 32
+    uint8): a hex digest sorts as its bytes do. The ids, which break ties, are asked of ``ids_of`` (the ids of the
+    documents at the given ascending positions) only for documents with equal digests."""
+    n = len(digests)
+    flat = np.ascontiguousarray(digests, dtype=np.uint8).view("S32").ravel()  # compared as bytes; all 32 long
+    order = np.argsort(flat, kind="stable")
+    head = flat.view(np.uint64)[::4][order]  # equal digests have equal first 8 bytes: all 32 compared only then
+    same = head[1:] == head[:-1]
+    del head
+    maybe = np.flatnonzero(same)
+    same[maybe] = flat[order[maybe]] == flat[order[maybe + 1]]
+    if same.any():
+        tied = np.zeros(n, dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        members = np.sort(order[tied])
+        id_of = dict(zip(members.tolist(), ids_of(members)))
+        order[tied] = sorted(id_of, key=lambda j: (bytes(flat[j]), id_of[j]))  # runs stay in place, sorted by id
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def text_digest(text: str) -> bytes:
+    """The SHA-256 of a text as near-dedup keys it (``content_key``)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def content_key(doc_id: str, text: str) -> str:
     """What picks the kept document of a cluster: its content's SHA-256, then its id (for equal texts)."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() + "\0" + doc_id
+    return text_digest(text).hex() + "\0" + doc_id
 
 
 # ---------------------------------------------------------------- the index kept beside the prepared data

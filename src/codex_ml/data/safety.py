@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -20,13 +20,17 @@ import numpy as np
 from codex_ml.data.clean import Document
 from codex_ml.data.decontaminate import BenchmarkItem, ContaminationIndex
 from codex_ml.data.near_dedup import (
+    ArraySignatures,
     DedupIndex,
     MinHasher,
     MinHashSettings,
+    SignatureSource,
+    StackedSignatures,
     cluster_keep,
-    content_key,
+    content_ranks,
     jaccard,
     shingle_set,
+    text_digest,
 )
 from codex_ml.data.redact import RedactionError, placeholders_with, redact_document
 from codex_ml.data.workers import ordered_map
@@ -240,61 +244,102 @@ def _drop_near_duplicates(
     report: SafetyReport,
     index_dir: Path | None,
 ) -> list[Document]:
-    has_sig = [i for i, s in enumerate(signatures) if s is not None]
-    present = [s for s in signatures if s is not None]
-    sigs = np.stack(present) if present else np.zeros((0, minhash.num_perm), dtype=np.uint32)
+    earlier = EarlierRuns(index_dir, minhash)
+    digests = [text_digest(d.text) for d in docs]
+    prior = [earlier.meet(d.id, digest.hex()) for d, digest in zip(docs, digests)]
+    present = [(i, s) for i, s in enumerate(signatures) if s is not None]
+    signed = [i for i, _ in present]
+    sigs = np.stack([s for _, s in present]) if present else np.zeros((0, minhash.num_perm), dtype=np.uint32)
     keep = near_duplicate_keep(
-        [docs[i].id for i in has_sig],
-        [content_key(docs[i].id, docs[i].text) for i in has_sig],
-        sigs,
-        {d.id for d in docs},
-        minhash,
-        index_dir,
-        lambda j: docs[has_sig[j]].text,
+        ArraySignatures(sigs),
+        np.frombuffer(b"".join(digests[i] for i in signed), dtype=np.uint8).reshape(-1, 32),
+        np.array([prior[i] for i in signed], dtype=bool),
+        lambda js: [docs[signed[j]].id for j in js],
+        earlier,
+        lambda j: docs[signed[j]].text,
     )
-    drop = {has_sig[j] for j in range(len(has_sig)) if not keep[j]}
+    drop = {signed[j] for j in np.flatnonzero(~keep)}
     report.near_duplicates = len(drop)
     return [d for i, d in enumerate(docs) if i not in drop]
 
 
+class EarlierRuns:
+    """The near-dedup index of earlier runs in ``index_dir`` (none: an empty one), met by every document of this
+    corpus as it streams by: an entry for one of them is that document (its current version wins); the others
+    are documents an earlier run kept, which this run's documents are deduplicated against."""
+
+    def __init__(self, index_dir: Path | None, minhash: MinHashSettings) -> None:
+        self.index_dir = index_dir
+        self.index = DedupIndex.load(index_dir, minhash) if index_dir else DedupIndex.empty(minhash)
+        self._earlier = set(zip(self.index.ids, self.index.keys))
+        self._entry_ids = set(self.index.ids)
+        self._met: set[str] = set()  # ids of entries that are documents of this corpus
+
+    def meet(self, doc_id: str, digest_hex: str) -> bool:
+        """Notes a document of this corpus (with a signature or not); True when an earlier run kept it with this
+        text (its SHA-256), so that it wins its cluster."""
+        if doc_id not in self._entry_ids:
+            return False
+        self._met.add(doc_id)
+        return (doc_id, digest_hex + "\0" + doc_id) in self._earlier
+
+    def outside(self) -> np.ndarray:
+        """The index entries that are no document of this corpus."""
+        return np.array([k for k, doc_id in enumerate(self.index.ids) if doc_id not in self._met], dtype=np.int64)
+
+    def save(self, ids: list[str], keys: list[str], signatures: np.ndarray) -> None:
+        """The index for later runs into ``index_dir``: this run's kept documents (their ids, content keys and
+        signatures), then the entries outside this corpus."""
+        assert self.index_dir is not None, "an index is saved where it was loaded from"
+        outside = self.outside()
+        index = self.index
+        DedupIndex(
+            ids + [index.ids[k] for k in outside],
+            keys + [index.keys[k] for k in outside],
+            np.concatenate([signatures, index.signatures[outside]]).astype(np.uint32),
+            index.settings,
+        ).save(self.index_dir)
+
+
 def near_duplicate_keep(
-    ids: list[str],
-    keys: list[str],
-    sigs: np.ndarray,
-    current_ids: set[str],
-    minhash: MinHashSettings,
-    index_dir: Path | None,
+    signatures: SignatureSource,
+    digests: np.ndarray,
+    prior: np.ndarray,
+    ids_of: Callable[[np.ndarray], Sequence[str]],
+    earlier: EarlierRuns,
     text_of: Callable[[int], str] | None = None,
 ) -> np.ndarray:
-    """Which of the documents with MinHash signatures ``sigs`` (their ``ids`` and ``content_key``s) to keep,
-    against each other and the index of earlier runs in ``index_dir`` (updated there); ``current_ids``: every
-    document of this corpus, signed or not (an index entry for one of them is that document); ``text_of``:
-    the text the signature of document ``j`` was made from, to check borderline pairs exactly."""
-    index = DedupIndex.load(index_dir, minhash) if index_dir else DedupIndex.empty(minhash)
-    earlier = set(zip(index.ids, index.keys))
-    # an index entry for a document of this corpus is that document (its current version wins); the others
-    # are documents an earlier run kept, which later files are deduplicated against
-    outside = [i for i, doc_id in enumerate(index.ids) if doc_id not in current_ids]
-    n_cur = len(ids)
-    all_sigs = np.concatenate([sigs, index.signatures[outside]]) if outside else sigs
-    all_keys = list(keys) + [index.keys[i] for i in outside]
-    prior = np.array([(i, k) in earlier for i, k in zip(ids, keys)] + [True] * len(outside), dtype=bool)
+    """Which of the documents with MinHash ``signatures`` to keep, against each other and the documents earlier
+    runs kept (``earlier``, which every document of this corpus has met; its index is updated).
+
+    ``digests``: the SHA-256 of each one's text (n x 32 uint8), which with its id makes its ``content_key``;
+    ``prior``: True for those an earlier run kept as they are (``EarlierRuns.meet``); ``ids_of``: the ids of the
+    documents at given ascending positions, asked for equal digests and the kept documents alone; ``text_of``: the
+    text the signature of document ``j`` was made from, to check borderline pairs exactly."""
+    index, outside = earlier.index, earlier.outside()
+    n_cur = len(digests)
+    entry_keys = [index.keys[k].partition("\0") for k in outside]  # hex digest, "\0", id
+    source = StackedSignatures([signatures, ArraySignatures(index.signatures[outside])]) if len(outside) else signatures
+    entry_digests = np.frombuffer(b"".join(bytes.fromhex(h) for h, _, _ in entry_keys), dtype=np.uint8).reshape(-1, 32)
+
+    def all_ids(positions: np.ndarray) -> list[str]:  # this corpus's documents, then the index entries
+        mine = positions[positions < n_cur]
+        return list(ids_of(mine)) + [entry_keys[k - n_cur][2] for k in positions[positions >= n_cur]]
+
+    ranks = content_ranks(np.concatenate([digests, entry_digests]), all_ids)
     exact = None
     if text_of is not None:
-        hasher = MinHasher(minhash)
+        hasher = MinHasher(index.settings)
         shingles = lru_cache(maxsize=EXACT_CACHE_DOCUMENTS)(lambda j: shingle_set(hasher, text_of(j)))
 
         def exact(i: int, j: int) -> float | None:
             return jaccard(shingles(i), shingles(j)) if i < n_cur and j < n_cur else None  # index entries: no text
 
-    result = cluster_keep(all_sigs, all_keys, minhash.threshold, prior, exact)
-    keep = result.keep[:n_cur]
-    if index_dir is not None:
-        kept_rows = np.flatnonzero(keep)
-        DedupIndex(
-            [ids[j] for j in kept_rows] + [index.ids[i] for i in outside],
-            [keys[j] for j in kept_rows] + [index.keys[i] for i in outside],
-            np.concatenate([all_sigs[kept_rows], all_sigs[n_cur:]]).astype(np.uint32),
-            minhash,
-        ).save(index_dir)
+    all_prior = np.concatenate([np.asarray(prior, dtype=bool), np.ones(len(outside), dtype=bool)])
+    keep = cluster_keep(source, ranks, index.settings.threshold, all_prior, exact).keep[:n_cur]
+    if earlier.index_dir is not None:
+        kept = np.flatnonzero(keep)
+        ids = list(ids_of(kept))
+        keys = [bytes(digests[j]).hex() + "\0" + doc_id for j, doc_id in zip(kept, ids)]
+        earlier.save(ids, keys, signatures.rows(kept))
     return keep

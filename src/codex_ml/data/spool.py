@@ -10,6 +10,7 @@ raw arrays, not pickle, so reading one back can never run code.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -85,8 +86,50 @@ def records(directory: Path) -> Iterator[Record]:
             yield Record.from_json(line)
 
 
-def signatures(directory: Path, num_perm: int) -> np.ndarray:
-    return np.fromfile(directory / SIGNATURES, dtype=np.uint32).reshape(-1, num_perm)
+class SpoolSignatures:
+    """The signatures of some records of several spools, read from their ``signatures.u32`` on demand and never
+    all at once (a ``near_dedup.SignatureSource``): document k is row ``rows[k]`` of spool ``spool_of[k]``, both
+    ascending in k."""
+
+    CHUNK_ROWS = 16384  # rows read at a time for a band: 16 MB at 256 permutations
+
+    def __init__(self, spool_dirs: list[Path], spool_of: np.ndarray, rows: np.ndarray, num_perm: int) -> None:
+        self.spool_dirs = spool_dirs
+        self.shape = (len(rows), num_perm)
+        self._rows = rows
+        self._starts = np.searchsorted(spool_of, np.arange(len(spool_dirs) + 1))  # each spool's first document
+
+    def band(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((self.shape[0], stop - start), dtype=np.uint32)
+        for n, directory in enumerate(self.spool_dirs):
+            k, end = int(self._starts[n]), int(self._starts[n + 1])
+            while k < end:
+                first = int(self._rows[k])
+                upto = k + int(np.searchsorted(self._rows[k:end], first + self.CHUNK_ROWS))  # documents in this chunk
+                chunk = self._read(directory, first, int(self._rows[upto - 1]) + 1 - first)
+                out[k:upto] = chunk[:, start:stop][self._rows[k:upto] - first]  # the columns first: no copy of whole rows
+                del chunk  # before the next is read: one chunk at a time
+                k = upto
+        return out
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.shape[1]), dtype=np.uint32)
+        spool_of = np.searchsorted(self._starts, indices, side="right") - 1
+        size = self.shape[1] * 4
+        for n in np.unique(spool_of):
+            mine = spool_of == n
+            wanted, place = np.unique(self._rows[indices[mine]], return_inverse=True)
+            # read row by row, not mapped: a map would count the pages around every row read as resident
+            with open(self.spool_dirs[n] / SIGNATURES, "rb") as f:
+                data = b"".join([os.pread(f.fileno(), size, row * size) for row in wanted.tolist()])
+            out[mine] = np.frombuffer(data, dtype=np.uint32).reshape(-1, self.shape[1])[place]
+        return out
+
+    def _read(self, directory: Path, first: int, count: int) -> np.ndarray:
+        num_perm = self.shape[1]
+        data = np.fromfile(directory / SIGNATURES, dtype=np.uint32, count=count * num_perm, offset=first * num_perm * 4)
+        return data.reshape(count, num_perm)
 
 
 def split_codes(directory: Path) -> np.ndarray:

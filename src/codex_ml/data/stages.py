@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from codex_ml.data.decontaminate import BenchmarkItem
 from codex_ml.data.fim import FimSettings
 from codex_ml.data.pack import FORMAT_VERSION, MANIFEST, SplitStats, token_dtype, tokenize_documents
 from codex_ml.data.progress import progress_bar
-from codex_ml.data.safety import SafetyReport, SafetySettings, _Scanner, near_duplicate_keep
+from codex_ml.data.safety import EarlierRuns, SafetyReport, SafetySettings, _Scanner, near_duplicate_keep
 from codex_ml.data.sources import RawDocument, ReadFailure
 from codex_ml.data.split import hash_fraction, is_validation
 from codex_ml.data.workers import ordered_map
@@ -179,40 +180,27 @@ def decide(
     seen: set[str] = set()
     content = hashlib.sha256()
     keep = [bytearray() for _ in spool_dirs]  # per record: 1 kept so far
-    candidates: list[tuple[int, int, int]] = []  # (spool, record, signature row) of the near-dedup candidates
-    places: list[tuple[int, int, int]] = []  # (spool, offset, length) of each candidate's text in its texts.bin
-    cand_ids: list[str] = []
-    cand_keys: list[str] = []
-    current_ids: set[str] = set()
+    earlier = EarlierRuns(index_dir, s.minhash) if s.near_dedup else None
+    candidates = _Candidates()
     redactions_path.parent.mkdir(parents=True, exist_ok=True)
     with open(redactions_path, "w", encoding="utf-8") as redactions:
         for n, directory in enumerate(spool_dirs):
             for i, r in enumerate(spool.records(directory)):
                 kept = _count(r, cleaning, safety, seen, content, settings.cleaning.dedup, redactions)
                 keep[n].append(kept)
-                if kept and s.near_dedup:
-                    current_ids.add(r.id)
+                if kept and earlier is not None:
+                    prior = earlier.meet(r.id, r.key)
                     if r.signature >= 0:
-                        candidates.append((n, i, r.signature))
-                        places.append((n, r.offset, r.length))
-                        cand_ids.append(r.id)
-                        cand_keys.append(r.key + "\0" + r.id)  # content_key of the redacted text
+                        candidates.add(n, i, r, prior)
     if not cleaning.kept:
         raise DataError(f"no documents left after cleaning {description}: " + "; ".join(cleaning.summary().splitlines()[1:]))
     digest = content.hexdigest()
     if expected_sha256 and digest != expected_sha256:
         raise DataError(f"{description}: content hash {digest} differs from the expected data.expected_sha256={expected_sha256}")
-    if s.near_dedup:
-        rows = _gather_signatures(spool_dirs, candidates, s.minhash.num_perm)
-        with spool.SpoolTexts(spool_dirs) as texts:
-            kept_mask = near_duplicate_keep(
-                cand_ids, cand_keys, rows, current_ids, s.minhash, index_dir, lambda j: texts.read(*places[j])
-            )
-        for (n, i, _), k in zip(candidates, kept_mask):
-            if not k:
-                keep[n][i] = 0
-                safety.near_duplicates += 1
-        del rows
+    if earlier is not None:
+        for n, i in candidates.near_duplicates(spool_dirs, earlier):
+            keep[n][i] = 0
+            safety.near_duplicates += 1
     size = _write_splits(spool_dirs, keep, val_fraction)
     if not size:
         raise DataError(f"no documents left after redaction, decontamination and near-dedup of {description}")
@@ -261,15 +249,58 @@ def _count(
     return 1
 
 
-def _gather_signatures(spool_dirs: list[Path], candidates: list[tuple[int, int, int]], num_perm: int) -> np.ndarray:
-    rows = np.zeros((len(candidates), num_perm), dtype=np.uint32)
-    at = 0
-    for n, directory in enumerate(spool_dirs):
-        mine = [row for s, _, row in candidates if s == n]
-        if mine:
-            rows[at : at + len(mine)] = spool.signatures(directory, num_perm)[mine]
-            at += len(mine)
-    return rows
+class _Candidates:
+    """Stage 2's near-dedup candidates in flat arrays, a few dozen bytes each: the spool, record and signature row
+    of each, where its text is, the SHA-256 of that text, and whether an earlier run kept it as it is."""
+
+    def __init__(self) -> None:
+        self.spool, self.record, self.row, self.offset, self.length = (array("q") for _ in range(5))
+        self.digests = bytearray()  # 32 bytes each
+        self.prior = bytearray()
+
+    def add(self, n: int, i: int, r: spool.Record, prior: bool) -> None:
+        """Record ``i`` of spool ``n``, kept so far and signed."""
+        self.spool.append(n)
+        self.record.append(i)
+        self.row.append(r.signature)
+        self.offset.append(r.offset)
+        self.length.append(r.length)
+        self.digests += bytes.fromhex(r.key)  # of the redacted text, which the signature was made from
+        self.prior.append(prior)
+
+    def near_duplicates(self, spool_dirs: list[Path], earlier: EarlierRuns) -> Iterator[tuple[int, int]]:
+        """(spool, record) of each candidate near-dedup drops, against each other and ``earlier``; the signatures
+        are read from the spools as clustering needs them, ids only for ties and the index."""
+        spool_of, record, row, offset, length = (
+            np.frombuffer(c, dtype=np.int64) for c in (self.spool, self.record, self.row, self.offset, self.length)
+        )
+        signatures = spool.SpoolSignatures(spool_dirs, spool_of, row, earlier.index.settings.num_perm)
+        with spool.SpoolTexts(spool_dirs) as texts:
+            keep = near_duplicate_keep(
+                signatures,
+                np.frombuffer(self.digests, dtype=np.uint8).reshape(-1, 32),
+                np.frombuffer(self.prior, dtype=bool),
+                lambda positions: _record_ids(spool_dirs, spool_of[positions], record[positions]),
+                earlier,
+                lambda j: texts.read(int(spool_of[j]), int(offset[j]), int(length[j])),
+            )
+        for j in np.flatnonzero(~keep):
+            yield int(spool_of[j]), int(record[j])
+
+
+def _record_ids(spool_dirs: list[Path], spool_of: np.ndarray, record: np.ndarray) -> list[str]:
+    """The ids of records ``record[k]`` of spools ``spool_of[k]`` (ascending in k), read back from the spools."""
+    ids: list[str] = []
+    for n in np.unique(spool_of):
+        wanted = iter(record[spool_of == n].tolist())
+        i_next = next(wanted)
+        for i, r in enumerate(spool.records(spool_dirs[n])):
+            if i == i_next:
+                ids.append(r.id)
+                i_next = next(wanted, -1)
+                if i_next < 0:
+                    break
+    return ids
 
 
 def _write_splits(spool_dirs: list[Path], keep: list[bytearray], val_fraction: float) -> dict:
