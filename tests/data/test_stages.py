@@ -1,12 +1,14 @@
 """Stage 2 of prepare (``decide``) over spools: near-dedup decides as the in-memory safety stage does."""
 
+import json
 import random
 
 import numpy as np
+import pytest
 
 from codex_ml.data import spool
 from codex_ml.data.clean import CleaningConfig, Document
-from codex_ml.data.near_dedup import INDEX_FILE
+from codex_ml.data.near_dedup import INDEX_FILE, DedupIndex, MinHashSettings, write_index
 from codex_ml.data.safety import SafetyReport, SafetySettings, make_safe
 from codex_ml.data.sources import RawDocument
 from codex_ml.data.stages import ScanSettings, decide, scan_shard
@@ -68,5 +70,36 @@ def test_near_dedup_over_spools_decides_as_in_memory(tmp_path):
 
 
 def _index(directory):
-    with np.load(directory / INDEX_FILE) as z:
-        return sorted(zip(z["ids"].tolist(), z["keys"].tolist(), map(bytes, z["signatures"])))
+    index = DedupIndex.load(directory, MinHashSettings())
+    return sorted(zip(index.ids, index.keys, map(bytes, index.signatures)))
+
+
+def test_index_is_written_a_chunk_at_a_time_and_read_back_whole(tmp_path):
+    """The index streamed in chunks reads back as one; an index in the earlier array format still loads; a failed
+    write leaves the previous index, and no half-written file, behind."""
+    settings = MinHashSettings()
+    rng = np.random.default_rng(0)
+    signatures = rng.integers(0, 2**32, (10, settings.num_perm), dtype=np.uint32)
+    ids, keys = [f"f{k}.py" for k in range(10)], [f"{k:064x}\0f{k}.py" for k in range(10)]
+    chunks = [(ids[lo : lo + 4], keys[lo : lo + 4], signatures[lo : lo + 4]) for lo in range(0, 10, 4)]
+    write_index(tmp_path, settings, 10, iter(chunks))
+    index = DedupIndex.load(tmp_path, settings)
+    assert (index.ids, index.keys) == (ids, keys) and np.array_equal(index.signatures, signatures)
+    assert DedupIndex.load(tmp_path, MinHashSettings(num_perm=128)).ids == []  # other settings: none of it applies
+
+    def broken():
+        yield chunks[0]
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_index(tmp_path, settings, 10, broken())
+    assert [p.name for p in tmp_path.iterdir()] == [INDEX_FILE] and DedupIndex.load(tmp_path, settings).ids == ids
+    with pytest.raises(ValueError, match="promised 11"):
+        write_index(tmp_path, settings, 11, iter(chunks))
+
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.dumps({"settings": [settings.ngram, settings.num_perm, settings.threshold]})
+    np.savez(old / INDEX_FILE, ids=np.array(ids), keys=np.array(keys), signatures=signatures, meta=np.array(meta))
+    index = DedupIndex.load(old, settings)
+    assert (index.ids, index.keys) == (ids, keys) and np.array_equal(index.signatures, signatures)

@@ -22,10 +22,14 @@ of the input nor the number of workers.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -428,22 +432,68 @@ class DedupIndex:
         path = directory / INDEX_FILE
         if not path.exists():
             return cls.empty(settings)
+        with zipfile.ZipFile(path) as z:
+            if _INDEX_META not in z.namelist():  # written by an earlier version: members ids, keys, meta as arrays
+                return cls._load_arrays(path, settings)
+            meta = json.loads(z.read(_INDEX_META))
+            if meta["settings"] != [settings.ngram, settings.num_perm, settings.threshold]:
+                return cls.empty(settings)  # other settings: other signatures; the file is replaced on save
+            ids, keys = [], []
+            with z.open(_INDEX_ENTRIES) as f:
+                for line in io.TextIOWrapper(f, encoding="utf-8"):
+                    doc_id, key = json.loads(line)
+                    ids.append(doc_id)
+                    keys.append(key)
+            with z.open(_INDEX_SIGNATURES) as f:
+                signatures = np.lib.format.read_array(f, allow_pickle=False)
+        return cls(ids, keys, signatures, settings)
+
+    @classmethod
+    def _load_arrays(cls, path: Path, settings: MinHashSettings) -> DedupIndex:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             if meta["settings"] != [settings.ngram, settings.num_perm, settings.threshold]:
-                return cls.empty(settings)  # other settings: other signatures; the file is replaced on save
+                return cls.empty(settings)
             return cls(list(z["ids"]), list(z["keys"]), z["signatures"], settings)
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".tmp-{os.getpid()}-{INDEX_FILE}"
-        meta = json.dumps({"settings": [self.settings.ngram, self.settings.num_perm, self.settings.threshold]})
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                ids=np.array(self.ids, dtype=str),
-                keys=np.array(self.keys, dtype=str),
-                signatures=self.signatures,
-                meta=np.array(meta),
-            )
-        os.replace(tmp, directory / INDEX_FILE)
+        write_index(directory, self.settings, len(self.ids), [(self.ids, self.keys, self.signatures)])
+
+
+_INDEX_META, _INDEX_ENTRIES, _INDEX_SIGNATURES = "meta.json", "entries.jsonl", "signatures.npy"
+
+
+def write_index(
+    directory: Path, settings: MinHashSettings, count: int, chunks: Iterable[tuple[Sequence[str], Sequence[str], np.ndarray]]
+) -> None:
+    """The index of ``count`` documents into ``directory``, from ``chunks`` of (ids, content keys, signatures):
+    streamed, so that saving the index of a large corpus holds one chunk at a time. A zip file: ``meta.json``,
+    ``entries.jsonl`` ([id, key] a line) and ``signatures.npy``; replaced atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tmp-{os.getpid()}-{INDEX_FILE}"
+    try:
+        _write_index_zip(tmp, settings, count, chunks)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written index must not be left beside the good one
+        raise
+    os.replace(tmp, directory / INDEX_FILE)
+
+
+def _write_index_zip(
+    path: Path, settings: MinHashSettings, count: int, chunks: Iterable[tuple[Sequence[str], Sequence[str], np.ndarray]]
+) -> None:
+    written = 0
+    with zipfile.ZipFile(path, "w", allowZip64=True) as z, tempfile.TemporaryFile("w+b", dir=path.parent) as entries:
+        z.writestr(_INDEX_META, json.dumps({"settings": [settings.ngram, settings.num_perm, settings.threshold]}))
+        with z.open(_INDEX_SIGNATURES, "w", force_zip64=True) as f:
+            header = {"descr": np.dtype(np.uint32).str, "fortran_order": False, "shape": (count, settings.num_perm)}
+            np.lib.format.write_array_header_2_0(f, header)
+            for ids, keys, signatures in chunks:
+                f.write(np.ascontiguousarray(signatures, dtype=np.uint32).tobytes())
+                entries.write("".join(json.dumps([i, k]) + "\n" for i, k in zip(ids, keys)).encode())
+                written += len(signatures)
+        if written != count:
+            raise ValueError(f"the near-dedup index was promised {count} entries and given {written}")
+        entries.seek(0)
+        with z.open(_INDEX_ENTRIES, "w", force_zip64=True) as f:
+            shutil.copyfileobj(entries, f)

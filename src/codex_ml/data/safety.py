@@ -8,6 +8,7 @@ them all and runs here. A document the scan fails on is skipped with the reason 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from codex_ml.data.clean import Document
 from codex_ml.data.decontaminate import BenchmarkItem, ContaminationIndex
 from codex_ml.data.near_dedup import (
+    VERIFY_BATCH,
     ArraySignatures,
     DedupIndex,
     MinHasher,
@@ -31,10 +33,12 @@ from codex_ml.data.near_dedup import (
     jaccard,
     shingle_set,
     text_digest,
+    write_index,
 )
 from codex_ml.data.redact import RedactionError, placeholders_with, redact_document
 from codex_ml.data.workers import ordered_map
 
+INDEX_CHUNK = 65536  # kept documents written to the index at a time (their ids are read back once a chunk)
 EXACT_CACHE_DOCUMENTS = 4096  # shingle sets kept while borderline pairs are checked: memory stays bounded
 
 
@@ -287,18 +291,14 @@ class EarlierRuns:
         """The index entries that are no document of this corpus."""
         return np.array([k for k, doc_id in enumerate(self.index.ids) if doc_id not in self._met], dtype=np.int64)
 
-    def save(self, ids: list[str], keys: list[str], signatures: np.ndarray) -> None:
-        """The index for later runs into ``index_dir``: this run's kept documents (their ids, content keys and
-        signatures), then the entries outside this corpus."""
+    def save(self, count: int, chunks: Iterable[tuple[list[str], list[str], np.ndarray]]) -> None:
+        """The index for later runs into ``index_dir``: this run's ``count`` kept documents, streamed in ``chunks``
+        of (ids, content keys, signatures), then the entries outside this corpus."""
         assert self.index_dir is not None, "an index is saved where it was loaded from"
         outside = self.outside()
         index = self.index
-        DedupIndex(
-            ids + [index.ids[k] for k in outside],
-            keys + [index.keys[k] for k in outside],
-            np.concatenate([signatures, index.signatures[outside]]).astype(np.uint32),
-            index.settings,
-        ).save(self.index_dir)
+        entries = ([index.ids[k] for k in outside], [index.keys[k] for k in outside], index.signatures[outside])
+        write_index(self.index_dir, index.settings, count + len(outside), itertools.chain(chunks, [entries]))
 
 
 def near_duplicate_keep(
@@ -339,7 +339,15 @@ def near_duplicate_keep(
     keep = cluster_keep(source, ranks, index.settings.threshold, all_prior, exact).keep[:n_cur]
     if earlier.index_dir is not None:
         kept = np.flatnonzero(keep)
-        ids = list(ids_of(kept))
-        keys = [bytes(digests[j]).hex() + "\0" + doc_id for j, doc_id in zip(kept, ids)]
-        earlier.save(ids, keys, signatures.rows(kept))
+
+        def chunks() -> Iterator[tuple[list[str], list[str], np.ndarray]]:  # a few at a time: a corpus that keeps
+            for lo in range(0, len(kept), INDEX_CHUNK):  # most documents would hold all their signatures at once
+                part = kept[lo : lo + INDEX_CHUNK]
+                ids = list(ids_of(part))  # one pass over the records per chunk
+                for at in range(0, len(part), VERIFY_BATCH):
+                    rows, rows_ids = part[at : at + VERIFY_BATCH], ids[at : at + VERIFY_BATCH]
+                    keys = [bytes(digests[j]).hex() + "\0" + doc_id for j, doc_id in zip(rows, rows_ids)]
+                    yield rows_ids, keys, signatures.rows(rows)
+
+        earlier.save(len(kept), chunks())
     return keep
