@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
@@ -521,9 +523,14 @@ def decide_stage(work: Path, spec: PipelineSpec, log: Callable[[str], None]) -> 
     out = work / OUTPUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     dirs = spool_dirs(work)
-    decisions = decide(
-        dirs, spec.scan, spec.val_fraction, spec.description, out / REDACTIONS, spec.index_dir, spec.expected_sha256
-    )
+    args = (dirs, spec.scan, spec.val_fraction, spec.description, out / REDACTIONS, spec.index_dir, spec.expected_sha256)
+    if spec.num_workers > 0:
+        # a process of its own: what stage 2 allocated (a few hundred bytes a document, and the heap it leaves
+        # behind) goes back to the system when it exits, before the tokenization workers start beside this one
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            decisions = pool.submit(decide, *args).result()
+    else:
+        decisions = decide(*args)
     decisions.save(work / DECISIONS)
     if spec.tokenizer_dir is None and not (work / TOKENIZER_DIR / "tokenizer.json").exists():
         tmp = work / f".tmp-{TOKENIZER_DIR}"
